@@ -1,0 +1,108 @@
+"""Callbacks: answers to fixed prompts in TensorBoard during ``fit``, and the ``predict`` report files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from meowdread.generation import SamplingSettings, generate
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it: a crash never leaves half a file where a good one was."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
+
+
+class SampleCallback(pl.Callback):
+    """Answers fixed prompts before training and after every validation epoch, and logs them to TensorBoard.
+
+    One text entry per epoch under ``samples`` (prompt and answer side by side) and the time it took under
+    ``samples/seconds``. Only rank zero samples; the model's training mode and the RNG state are restored.
+
+    Args:
+        num_prompts: answer the first N prompts of ``data.prompts`` (all of them if None).
+        max_new_tokens: overrides ``model.sampling.max_new_tokens`` here, to keep the callback cheap.
+    """
+
+    def __init__(self, num_prompts: int | None = 4, max_new_tokens: int | None = None):
+        self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sample(trainer, pl_module, "before training" if trainer.global_step == 0 else "resumed")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.sample(trainer, pl_module, f"epoch {trainer.current_epoch}")
+
+    def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        settings: SamplingSettings = pl_module.sampling
+        if self.max_new_tokens is not None:
+            settings = replace(settings, max_new_tokens=self.max_new_tokens)
+        prompts = trainer.datamodule.prompts[: self.num_prompts]
+        start = time.perf_counter()
+        with trainer.precision_plugin.forward_context():
+            answers = generate(pl_module.model, pl_module.tokenizer, prompts, settings)
+        seconds = time.perf_counter() - start
+        rows = "\n".join(f"| {_cell(p)} | {_cell(a)} |" for p, a in zip(prompts, answers))
+        text = f"**{label}**, step {trainer.global_step}, {seconds:.1f} s\n\n| prompt | answer |\n|---|---|\n{rows}"
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", text, global_step=trainer.global_step)
+            logger.log_metrics({"samples/seconds": seconds}, step=trainer.global_step)
+        log.info("samples (%s) took %.1f s", label, seconds)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions.jsonl`` and ``predictions.md`` (prompt, answer, sampling settings) to the run dir."""
+
+    def __init__(self):
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any) -> None:  # fmt: skip
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:  # each rank answered its share of the prompts
+            gathered: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return
+        out = Path(trainer.log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sampling = asdict(pl_module.sampling)
+        source = pl_module.hparams.adapter or trainer.ckpt_path or "(no adapter: fresh LoRA, i.e. the base model)"
+        lines = [json.dumps({**row, "sampling": sampling}, ensure_ascii=False) for row in rows]
+        write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
+        md = [
+            "# Predictions",
+            "",
+            f"- model: `{pl_module.hparams.pretrained}`",
+            f"- weights: `{source}`",
+            f"- sampling: {', '.join(f'{k}={v}' for k, v in sampling.items())}",
+            "",
+        ]
+        for row in rows:
+            md += [f"## {row['prompt']}", "", row["answer"] or "*(empty)*", ""]
+        write_atomic(out / "predictions.md", "\n".join(md))
+        log.info("predictions written to %s", out)
+        print(f"predictions: {out / 'predictions.md'}")

@@ -1,0 +1,305 @@
+"""Corpus → token ids, labels and batches.
+
+A conversation is rendered with the tokenizer's own chat template (``apply_chat_template``), tokenized with
+character offsets, and labelled from *turn boundaries*: every assistant turn, its closing ``<|end|>``
+included, is trained on; system and user turns, the role headers and padding are not. The pad token of
+Phi-3 is an end token, so comparing ids would mask the ends too (PITFALLS 2, 3).
+
+    meowdread fit --config configs/tiny.yaml --data.show_examples 1   # see which tokens are trained on
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from meowdread.embedded import TINY_PHI3, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of a token that is not trained on (F.cross_entropy's ignore_index)
+Message = dict[str, str]
+
+
+class CorpusError(ValueError):
+    """Bad input in a corpus or prompts file; the message names the file, the line and the field."""
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+
+
+def load_tokenizer(pretrained: str):
+    """The tokenizer of ``pretrained`` (a hub id, a directory or ``embedded:tiny-phi3``), no remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+
+
+def read_conversations(path: str | Path) -> list[list[Message]]:
+    """Read and check a JSON-lines corpus of ``{"messages": [...]}`` records."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(path, None, None, "corpus file not found")
+    conversations, seen = [], {}
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CorpusError(path, number, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(path, number, None, f"not valid JSON ({err.msg}, column {err.colno})") from None
+        messages = _check_messages(record, path, number)
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            log.warning("%s:%d: duplicate of the conversation on line %d", path, number, seen[key])
+        seen.setdefault(key, number)
+        conversations.append(messages)
+    if not conversations:
+        raise CorpusError(path, None, None, "the corpus is empty")
+    return conversations
+
+
+def _check_messages(record: Any, path: Path, number: int) -> list[Message]:
+    if not isinstance(record, dict) or "messages" not in record:
+        raise CorpusError(path, number, "messages", 'missing: each line must be {"messages": [...]}')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise CorpusError(path, number, "messages", "must be a non-empty list of {role, content}")
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise CorpusError(path, number, field, "must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise CorpusError(path, number, f"{field}.role", f"unknown role {role!r} (system, user or assistant)")
+        if not isinstance(content, str) or not content.strip():
+            raise CorpusError(path, number, f"{field}.content", "must be a non-empty string")
+        expected = ("system", "user") if i == 0 else ("user",) if messages[i - 1]["role"] != "user" else ("assistant",)
+        if role not in expected:
+            raise CorpusError(path, number, f"{field}.role", f"{role!r} out of order: expected {' or '.join(expected)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise CorpusError(path, number, "messages", "no assistant turn: nothing to train on")
+    if messages[-1]["role"] != "assistant":
+        raise CorpusError(path, number, f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(path, None, None, "prompts file not found")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise CorpusError(path, None, None, "the prompts file is empty")
+    return prompts
+
+
+def encode_conversation(tokenizer, messages: list[Message], turn_end: str = "<|end|>") -> dict[str, list[int]]:
+    """Token ids and labels for one conversation: labels copy the ids on assistant spans, else -100.
+
+    Each assistant span runs from the first character of the reply to the end of the ``turn_end`` token
+    that closes it. It is found by rendering the conversation's prefix with ``add_generation_prompt``,
+    so the template stays the tokenizer's own; a token is trained on if it overlaps a span.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        start = len(prefix)
+        if not text.startswith(prefix) or not text.startswith(message["content"], start):
+            raise ValueError("the chat template does not render a conversation's prefixes as its prefixes")
+        end = text.find(turn_end, start + len(message["content"]))
+        if end < 0:
+            raise ValueError(f"the chat template does not close assistant turns with {turn_end!r}")
+        spans.append((start, end + len(turn_end)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+    return {"input_ids": list(enc["input_ids"]), "labels": labels}
+
+
+def format_trained_tokens(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
+    """Debug view: the example's text with trained tokens inside ⟦…⟧ (nanochat's idea)."""
+    out, trained = [], False
+    for token, label in zip(input_ids, labels):
+        now = label != IGNORE_INDEX
+        if now != trained:
+            out.append("⟦" if now else "⟧")
+            trained = now
+        out.append(tokenizer.decode([token]))
+    return "".join(out) + ("⟧" if trained else "")
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffles, then sorts by length inside windows of ``batch_size * group`` examples.
+
+    Consecutive ``batch_size`` indices have similar lengths, so right padding wastes little, while the order
+    still changes every epoch (``set_epoch``, which Lightning calls). The same seed and epoch give the same
+    order, which deterministic resumption needs.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 16):
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        window = self.batch_size * self.group
+        batches = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return (i for batch in batches for i in batch)
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids (with ``pad_id``) and labels (with -100); the attention mask marks real tokens."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
+    return {"prompts": prompts}
+
+
+class CatCorpusDataModule(pl.LightningDataModule):
+    """Chat-formatted corpus → length-grouped, right-padded batches; prompts file → predict batches.
+
+    Args:
+        corpus: JSON-lines file of ``{"messages": [{"role", "content"}, ...]}`` records.
+        prompts: one prompt a line, for ``predict`` and the sample callback.
+        pretrained: where the tokenizer comes from; the CLI links it to ``model.pretrained``.
+        max_length: longest example in tokens, template included.
+        overlong: what to do with longer examples: ``drop`` them or ``truncate`` them (counted in the log).
+        val_fraction: share of conversations held out for validation (and ``test``), split with ``seed``.
+        batch_size: examples per micro-batch.
+        seed: fixes the split and the shuffling.
+        num_workers: DataLoader workers.
+        show_examples: print this many training examples with their trained tokens marked at setup.
+    """
+
+    def __init__(
+        self,
+        corpus: str = "data/cat_corpus.jsonl",
+        prompts: str = "data/prompts.txt",
+        pretrained: str = TINY_PHI3,
+        max_length: int = 1024,
+        overlong: Literal["drop", "truncate"] = "drop",
+        val_fraction: float = 0.05,
+        batch_size: int = 8,
+        seed: int = 42,
+        num_workers: int = 0,
+        show_examples: int = 0,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction: must be between 0 and 1, got {val_fraction}")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+        self._prompts: list[str] | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = read_prompts(self.hparams.prompts)
+        return self._prompts
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.pretrained)
+        if stage == "predict" or self.train_set:
+            return
+        from datasets import Dataset
+
+        conversations = read_conversations(self.hparams.corpus)
+        dataset = Dataset.from_list([{"messages": c} for c in conversations])
+        n_val = max(1, round(len(dataset) * self.hparams.val_fraction))
+        if n_val >= len(dataset):
+            raise CorpusError(self.hparams.corpus, None, None, f"{len(dataset)} conversations are too few to split")
+        split = dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+        self.train_set = self._encode(split["train"], "train")
+        self.val_set = self._encode(split["test"], "val")
+        for example in self.train_set[: self.hparams.show_examples]:
+            print(format_trained_tokens(self.tokenizer, example["input_ids"], example["labels"]), "\n")
+
+    def _encode(self, split, name: str) -> list[dict]:
+        max_length, truncate = self.hparams.max_length, self.hparams.overlong == "truncate"
+        examples, overlong = [], 0
+        for row in split:
+            e = encode_conversation(self.tokenizer, row["messages"])
+            if len(e["input_ids"]) > max_length:
+                overlong += 1
+                if not truncate:
+                    continue
+                e = {k: v[:max_length] for k, v in e.items()}
+                if all(label == IGNORE_INDEX for label in e["labels"]):
+                    continue
+            examples.append(e)
+        if overlong:
+            verb = "truncated" if truncate else "dropped"
+            log.warning("%s: %d of %d %s examples are longer than max_length=%d and were %s",
+                        self.hparams.corpus, overlong, len(split), name, max_length, verb)  # fmt: skip
+        if not examples:
+            raise CorpusError(self.hparams.corpus, None, "max_length",
+                              f"every {name} example is longer than {max_length} tokens")  # fmt: skip
+        return examples
+
+    def _loader(self, examples: list[dict], sampler=None) -> DataLoader:
+        return DataLoader(
+            examples,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        lengths = [len(e["input_ids"]) for e in self.train_set]
+        return self._loader(self.train_set, LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(sorted(self.val_set, key=lambda e: -len(e["input_ids"])))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.prompts, batch_size=self.hparams.batch_size, collate_fn=collate_prompts)

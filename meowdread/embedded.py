@@ -1,0 +1,166 @@
+"""The embedded tiny Phi-3: an offline stand-in for ``microsoft/Phi-3-mini-4k-instruct``.
+
+No hub is reachable here, so ``model.pretrained: embedded:tiny-phi3`` builds, deterministically, a small
+``Phi3ForCausalLM`` with random weights and a byte-level BPE tokenizer trained on the cat corpus. The
+tokenizer carries Phi-3's special tokens and chat template. Both are written to a cache directory as an
+ordinary Hugging Face checkpoint, which then goes through exactly the same ``from_pretrained`` +
+``BitsAndBytesConfig`` path as the real model.
+
+    python -m meowdread.embedded            # build (or find) it and print its directory
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PREFIX = "embedded:"
+TINY_PHI3 = "embedded:tiny-phi3"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = PACKAGE_ROOT / "data" / "cat_corpus.jsonl"
+
+# The chat template of microsoft/Phi-3-mini-4k-instruct (tokenizer_config.json), verbatim.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Phi-3's special tokens: <|endoftext|> ends the text, <|end|> ends a turn.
+PHI3_SPECIAL_TOKENS = [
+    "<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
+    "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>",
+    "<|user|>",
+]  # fmt: skip
+
+# Everything that shapes the build. Changing any value gives a new cache directory.
+TINY_SPEC = {
+    "builder": 1,
+    "seed": 0,
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 1024,
+}
+
+
+def cache_root() -> Path:
+    """Where built embedded models live: ``$MEOWDREAD_CACHE`` or ``~/.cache/meowdread``."""
+    return Path(os.environ.get("MEOWDREAD_CACHE", Path.home() / ".cache" / "meowdread"))
+
+
+def resolve_pretrained(name: str) -> str:
+    """Turn ``model.pretrained`` into something ``from_pretrained`` takes.
+
+    Hub ids and local directories pass through untouched; ``embedded:tiny-phi3`` is built on first use.
+    """
+    if not name.startswith(EMBEDDED_PREFIX):
+        return name
+    if name != TINY_PHI3:
+        raise ValueError(f"model.pretrained: unknown embedded model {name!r}; the only one is {TINY_PHI3!r}")
+    corpus = Path(os.environ.get("MEOWDREAD_TINY_CORPUS", DEFAULT_CORPUS))
+    return str(build_tiny_phi3(corpus))
+
+
+def build_tiny_phi3(corpus: Path, root: Path | None = None) -> Path:
+    """Build the tiny Phi-3 for ``corpus`` unless a build of the same inputs is already cached."""
+    if not corpus.is_file():
+        raise FileNotFoundError(f"{corpus}: the embedded tokenizer is trained on this corpus, and it is missing")
+    key = hashlib.sha256(corpus.read_bytes() + json.dumps(TINY_SPEC, sort_keys=True).encode()).hexdigest()[:16]
+    root = root or cache_root()
+    target = root / f"tiny-phi3-{key}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a crash or a parallel build never leaves a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=root))
+    try:
+        tokenizer = _train_tokenizer(corpus)
+        tokenizer.save_pretrained(staging)
+        _init_model(tokenizer).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; theirs is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _corpus_texts(corpus: Path):
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            for message in json.loads(line).get("messages", []):
+                yield message.get("content", "")
+
+
+def _train_tokenizer(corpus: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_SPEC["vocab_size"],
+        special_tokens=PHI3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_texts(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",  # as in Phi-3: the pad token *is* an end token (PITFALLS 3)
+        additional_special_tokens=[t for t in PHI3_SPECIAL_TOKENS if t.startswith("<|") and t != "<|endoftext|>"],
+        chat_template=PHI3_CHAT_TEMPLATE,
+        model_max_length=TINY_SPEC["max_position_embeddings"],
+        padding_side="left",
+    )
+
+
+def _init_model(tokenizer):
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_SPEC["hidden_size"],
+        intermediate_size=TINY_SPEC["intermediate_size"],
+        num_hidden_layers=TINY_SPEC["num_hidden_layers"],
+        num_attention_heads=TINY_SPEC["num_attention_heads"],
+        num_key_value_heads=TINY_SPEC["num_attention_heads"],
+        max_position_embeddings=TINY_SPEC["max_position_embeddings"],
+        original_max_position_embeddings=TINY_SPEC["max_position_embeddings"],
+        bos_token_id=ids("<s>"),
+        eos_token_id=ids("<|endoftext|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SPEC["seed"])
+        model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    # Like the real checkpoint: stop on <|endoftext|>, <|assistant|> and <|end|>.
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[ids("<|endoftext|>"), ids("<|assistant|>"), ids("<|end|>")],
+        pad_token_id=config.pad_token_id,
+    )
+    return model
+
+
+if __name__ == "__main__":
+    print(resolve_pretrained(TINY_PHI3))

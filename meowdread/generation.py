@@ -1,0 +1,68 @@
+"""The one sampler: the sample callback and ``predict`` both answer prompts through :func:`generate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Message = dict[str, str]
+
+
+@dataclass
+class SamplingSettings:
+    """How answers are sampled."""
+
+    max_new_tokens: int = 200
+    """Most new tokens per answer."""
+    temperature: float = 0.7
+    """Softmax temperature; ignored when ``do_sample`` is false."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability adds up to this."""
+    do_sample: bool = True
+    """False for greedy decoding."""
+    seed: int = 1234
+    """Seed of the sampling RNG. The caller's RNG state is restored afterwards, so sampling during
+    training does not change the training run."""
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Phi-3 ends a turn with ``<|end|>`` and the text with ``<|endoftext|>``: stop on either (PITFALLS 2)."""
+    ids = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    if end is not None and end != tokenizer.unk_token_id:
+        ids.append(end)
+    return ids
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str] | list[list[Message]], settings: SamplingSettings) -> list[str]:
+    """Answer each prompt (a user message, or a whole conversation) with the model in eval mode.
+
+    Prompts are rendered with the chat template plus the assistant header and left-padded so that every
+    row's answer starts at the same column (PITFALLS 4). The model's training mode is restored.
+    """
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    batch = batch.to(device)
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            out = model.generate(
+                **batch,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                eos_token_id=stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
+    finally:
+        model.train(was_training)
+    answers = out[:, batch["input_ids"].shape[1] :]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in answers]

@@ -1,0 +1,350 @@
+"""The LightningModule: a bitsandbytes 4-bit Phi-3 with peft LoRA adapters, and the training step.
+
+The research surface is small on purpose: ``training_step`` and ``validation_step`` call ``_step``, which
+calls :meth:`QLoraModule.compute_loss`; override that one method to try another loss.
+
+    meowdread fit --config configs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torchmetrics import MeanMetric
+
+from meowdread.data import IGNORE_INDEX, load_tokenizer
+from meowdread.embedded import resolve_pretrained
+from meowdread.generation import SamplingSettings, generate
+
+log = logging.getLogger(__name__)
+
+PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@dataclass
+class QuantizationSettings:
+    """How the frozen base is loaded (bitsandbytes through transformers' ``BitsAndBytesConfig``)."""
+
+    load_in_4bit: bool = True
+    """Quantize the base to 4 bits (QLoRA). False loads it unquantized in ``compute_dtype`` (plain LoRA)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is the QLoRA paper's."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bit a parameter)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized weights."""
+
+    def to_transformers(self):
+        from transformers import BitsAndBytesConfig
+
+        if not self.load_in_4bit:
+            return None
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+        )
+
+
+@dataclass
+class LoraSettings:
+    """The peft LoRA adapter."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scale: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(PHI3_LINEARS))
+    """Module name suffixes to adapt. Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``;
+    each name must match at least one module (PITFALLS 1)."""
+
+
+class WarmupSchedule(LambdaLR):
+    """Linear warm-up over ``warmup_ratio`` of the run, then constant, linear or cosine decay to zero."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        warmup_ratio: float = 0.03,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+    ):
+        warmup = max(1, math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+        after = max(1, total_steps - warmup)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / after)
+            if decay == "linear":
+                return 1.0 - progress
+            if decay == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        super().__init__(optimizer, factor)
+
+
+def find_unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Targets that match no module name (peft's rule: the name, or a ``.``-separated suffix of it)."""
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+class QLoraModule(pl.LightningModule):
+    """Phi-3 in 4-bit NF4, adapted with LoRA.
+
+    Args:
+        pretrained: hub id, local directory, or ``embedded:tiny-phi3`` (the offline stand-in).
+        quantization: how the base is loaded.
+        lora: the adapter; ignored when ``adapter`` is given.
+        adapter: a saved peft adapter directory to start from (and to predict with).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        upcast_frozen_weights: cast the base's unquantized weights (embeddings, norms, lm_head) to fp32,
+            as peft's ``prepare_model_for_kbit_training`` does. Costs memory (PITFALLS 11); off by default.
+        trust_remote_code: run modelling code from the hub. Phi-3 is native in transformers: keep it off.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
+        scheduler: built with the optimizer and the run's total optimizer steps.
+        sampling: how ``predict`` (and by default the sample callback) samples answers.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "microsoft/Phi-3-mini-4k-instruct",
+        quantization: QuantizationSettings = QuantizationSettings(),
+        lora: LoraSettings = LoraSettings(),
+        adapter: str | None = None,
+        gradient_checkpointing: bool = True,
+        upcast_frozen_weights: bool = False,
+        trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Callable[[Optimizer, int], LRScheduler] = WarmupSchedule,
+        sampling: SamplingSettings = SamplingSettings(),
+    ):
+        super().__init__()
+        self.quantization, self.lora, self.sampling = quantization, lora, sampling
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # Plain values only, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "pretrained": pretrained,
+                "quantization": asdict(quantization),
+                "lora": asdict(lora),
+                "adapter": adapter,
+                "gradient_checkpointing": gradient_checkpointing,
+                "upcast_frozen_weights": upcast_frozen_weights,
+                "trust_remote_code": trust_remote_code,
+                "attn_implementation": attn_implementation,
+                "sampling": asdict(sampling),
+            }
+        )
+        self.strict_loading = False  # checkpoints hold the LoRA weights only; on_load_checkpoint checks them
+        self.model = None
+        self.tokenizer = None
+        self.eval_loss = MeanMetric()
+        self._window_loss = torch.zeros(())
+        self._window_tokens = torch.zeros(())
+
+    # ----------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Load the quantized base on this rank's device and wrap it with LoRA (once)."""
+        if self.model is not None:
+            return
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        path = resolve_pretrained(hp.pretrained)
+        if not Path(path).exists() and path.count("/") != 1:
+            raise FileNotFoundError(f"model.pretrained: {path!r} is neither a directory nor a hub id (org/name)")
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.tokenizer = load_tokenizer(hp.pretrained)
+        base = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=self.quantization.to_transformers(),
+            dtype=getattr(torch, self.quantization.compute_dtype),
+            device_map={"": device},
+            trust_remote_code=hp.trust_remote_code,
+            attn_implementation=hp.attn_implementation,
+        )
+        base.config.use_cache = False  # generation turns it back on per call
+        self._prepare_base(base)
+        if hp.adapter:
+            self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+        else:
+            unmatched = find_unmatched_targets(base, self.lora.target_modules)
+            if unmatched:
+                raise ValueError(
+                    f"model.lora.target_modules: {unmatched} match no module of {hp.pretrained}. "
+                    f"Phi-3's linear layers are {PHI3_LINEARS} (q/k/v and gate/up are fused)."
+                )
+            config = LoraConfig(
+                r=self.lora.r,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=list(self.lora.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, config)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("LoRA: %d trainable parameters on %s", trainable, hp.pretrained)
+
+    def _prepare_base(self, base) -> None:
+        """Freeze the base and set up activation checkpointing for k-bit training."""
+        # from_pretrained returns the model in eval mode, and Lightning keeps modules' modes: without this,
+        # transformers would skip activation checkpointing (it checks ``self.training``) and LoRA dropout.
+        base.train()
+        for module in base.modules():
+            # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight on its first eval-mode
+            # forward, and from then on uses a kernel with no autograd: the gradient through the frozen
+            # weight to earlier layers is silently dropped. Keep the differentiable layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if self.hparams.upcast_frozen_weights:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(
+                base,
+                use_gradient_checkpointing=self.hparams.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+            return
+        base.requires_grad_(False)
+        if self.hparams.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (no enable_input_require_grads).
+            # transformers 5.2x renamed the method; older 5.x only has the first name.
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over trained tokens, and how many there were.
+
+        Returning the sum lets the step normalise by the trained tokens of a whole accumulation window (and
+        of all ranks), not average per-batch means (PITFALLS 8). Only labelled positions reach the fp32
+        log-softmax, which saves memory over the 32k vocabulary.
+        """
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        loss_sum = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return self.compute_loss(logits, batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = self._step(batch)
+        self._window_loss = self._window_loss.to(loss_sum.device) + loss_sum.detach()
+        self._window_tokens = self._window_tokens.to(loss_sum.device) + n_tokens
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Turn the accumulated gradient of summed losses into the gradient of the window's token mean.
+
+        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP averages over ranks,
+        so the factor is ``accumulate * world / trained tokens of the window on all ranks``. Runs before
+        Lightning clips gradients, so clipping sees the true gradient.
+        """
+        tokens = self.trainer.strategy.reduce(self._window_tokens.float(), reduce_op="sum").clamp(min=1)
+        loss = self.trainer.strategy.reduce(self._window_loss, reduce_op="sum") / tokens
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("train/trained_tokens", tokens, reduce_fx="sum", sync_dist=False)
+        self._window_loss = torch.zeros((), device=loss.device)
+        self._window_tokens = torch.zeros((), device=loss.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n_tokens = self._step(batch)
+        self.eval_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        """Token-weighted mean loss over the whole epoch (all ranks), and its perplexity."""
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", torch.exp(loss))
+
+    def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
+        answers = generate(self.model, self.tokenizer, batch["prompts"], self.sampling)
+        return [{"prompt": p, "answer": a} for p, a in zip(batch["prompts"], answers)]
+
+    # ----------------------------------------------------------------- checkpoints and export
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the LoRA weights: the frozen base is reloaded from ``pretrained`` (Lightning #19149)."""
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected, found = self.trainable_state_keys(), set(checkpoint.get("state_dict", {}))
+        if expected != found:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise ValueError(
+                f"the checkpoint does not fit this model ({self.hparams.pretrained}, "
+                f"LoRA r={self.lora.r} on {self.lora.target_modules}): {len(missing)} LoRA weights missing "
+                f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}. Was it trained with another "
+                "model.pretrained or model.lora?"
+            )
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.export_adapter(Path(self.trainer.log_dir) / "adapter")
+            log.info("adapter saved to %s", path)
+
+    def export_adapter(self, directory: str | Path) -> Path:
+        """Save the adapter in peft's format, with the tokenizer, replacing ``directory`` atomically."""
+        directory = Path(directory)
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
