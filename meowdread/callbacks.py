@@ -106,3 +106,71 @@ class PredictionWriter(BasePredictionWriter):
         write_atomic(out / "predictions.md", "\n".join(md))
         log.info("predictions written to %s", out)
         print(f"predictions: {out / 'predictions.md'}")
+
+
+class SpeedMonitor(pl.Callback):
+    """Trained tokens per second and peak GPU memory, measured on training batches only.
+
+    The clock runs from the start of a training batch to the end of the next one without a gap, so
+    validation and the sample callback are not counted; the first ``warmup_steps`` optimizer steps are left
+    out. Logs ``perf/trained_tokens_per_s`` and ``perf/peak_mem_gb`` and prints a summary at the end of ``fit``.
+    A trained token is one whose label is not -100 (no padding, no prompt).
+    """
+
+    def __init__(self, warmup_steps: int = 5):
+        self.warmup_steps = warmup_steps
+        self.tokens = 0
+        self.seconds = 0.0
+        self._tokens = None  # on the device, so counting does not synchronise every batch
+        self._start = None
+
+    def _sync(self, trainer: pl.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:  # fmt: skip
+        if trainer.global_step >= self.warmup_steps and self._start is None:
+            self._sync(trainer)
+            self._start = time.perf_counter()
+            self._tokens = torch.zeros((), dtype=torch.long, device=batch["labels"].device)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
+        if self._start is not None:
+            self._tokens += (batch["labels"][:, 1:] != -100).sum()
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if self._start is None:
+            return
+        self._sync(trainer)
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += int(self._tokens)
+        self._start = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(trainer)
+        metrics = self.metrics(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """Throughput over all ranks (assuming they are alike) and this rank's peak memory, so far."""
+        metrics = {}
+        if self.seconds > 0:
+            metrics["perf/trained_tokens_per_s"] = self.tokens * trainer.world_size / self.seconds
+        if trainer.strategy.root_device.type == "cuda":
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+        return metrics
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(trainer)
+        metrics = self.metrics(trainer)
+        if trainer.is_global_zero and metrics:
+            summary = ", ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in metrics.items())
+            print(f"speed: {summary} over {self.tokens * trainer.world_size} trained tokens in {self.seconds:.1f} s")

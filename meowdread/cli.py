@@ -10,6 +10,7 @@ resumes that run in its own directory, so its TensorBoard curves continue.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,12 @@ class MeowCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
+    package_log = logging.getLogger("meowdread")
+    if not package_log.handlers:
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
     try:
         MeowCLI(
             QLoraModule,

@@ -1,0 +1,167 @@
+"""Unit tests of the data path: chat template, label masks from turn boundaries, collation, sampler."""
+
+import json
+
+import pytest
+import torch
+
+from meowdread.data import (
+    IGNORE_INDEX,
+    CorpusError,
+    LengthGroupedSampler,
+    collate,
+    encode_conversation,
+    format_trained_tokens,
+    read_conversations,
+)
+
+from .conftest import write_jsonl
+
+CONVERSATION = [
+    {"role": "system", "content": "You are Mittens, who has read Sartre."},
+    {"role": "user", "content": "Why do I sit?"},
+    {"role": "assistant", "content": "I fits, therefore I sits."},
+    {"role": "user", "content": "But why?"},
+    {"role": "assistant", "content": "Teh box does not answer. Teh box is teh void."},
+]
+
+
+def trained_runs(tokenizer, example):
+    """The decoded text of each contiguous run of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_template_is_phi3s(tokenizer):
+    text = tokenizer.apply_chat_template(CONVERSATION[:3], tokenize=False)
+    assert text == (
+        "<|system|>\nYou are Mittens, who has read Sartre.<|end|>\n<|user|>\nWhy do I sit?<|end|>\n"
+        "<|assistant|>\nI fits, therefore I sits.<|end|>\n<|endoftext|>"
+    )
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"  # the trap of PITFALLS 3
+
+
+def test_multi_turn_masking_is_exact(tokenizer):
+    example = encode_conversation(tokenizer, CONVERSATION)
+    # Exactly each assistant reply with its closing <|end|>: no header, no newline, no user or system text,
+    # and not the final <|endoftext|> (which is also the pad token).
+    assert trained_runs(tokenizer, example) == [
+        "I fits, therefore I sits.<|end|>",
+        "Teh box does not answer. Teh box is teh void.<|end|>",
+    ]
+
+
+def test_end_token_is_trained_although_pad_is_an_end_token(tokenizer):
+    example = encode_conversation(tokenizer, CONVERSATION)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    eot = tokenizer.pad_token_id
+    ids, labels = example["input_ids"], example["labels"]
+    assert [label for label in labels if label == end] == [end, end]  # both assistant <|end|>s
+    assert ids.count(end) == 5  # one per turn; the other three are not trained
+    assert ids[-1] == eot and labels[-1] == IGNORE_INDEX
+
+
+def test_debug_view_marks_trained_tokens(tokenizer):
+    example = encode_conversation(tokenizer, CONVERSATION[1:3])
+    view = format_trained_tokens(tokenizer, example["input_ids"], example["labels"])
+    assert view == "<|user|>\nWhy do I sit?<|end|>\n<|assistant|>\n⟦I fits, therefore I sits.<|end|>⟧\n<|endoftext|>"
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer):
+    short = encode_conversation(tokenizer, CONVERSATION[1:3])
+    long = encode_conversation(tokenizer, CONVERSATION)
+    batch = collate([short, long], pad_id=tokenizer.pad_token_id)
+    n = len(short["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, len(long["input_ids"]))
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert batch["input_ids"][1].tolist() == long["input_ids"]
+    assert batch["labels"][0, :n].tolist() == short["labels"]
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_with_grouped_lengths():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 400, (300,), generator=gen).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(300))
+    assert list(sampler) == epoch0  # same seed and epoch: same order (resumption needs it)
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+
+    def padded(order):
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    shuffled = torch.randperm(300, generator=gen).tolist()
+    assert padded(epoch0) < 0.8 * padded(shuffled)
+
+
+def test_read_conversations_accepts_system_and_multi_turn(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"messages": CONVERSATION}), ""])
+    assert read_conversations(path) == [CONVERSATION]
+
+
+@pytest.mark.parametrize(
+    "line, where",
+    [
+        ("{not json", "c.jsonl:2: not valid JSON"),
+        ('{"text": "hai"}', "c.jsonl:2: messages: missing"),
+        ('{"messages": [{"role": "cat", "content": "meow"}]}', "c.jsonl:2: messages[0].role: unknown role 'cat'"),
+        ('{"messages": [{"role": "user", "content": ""}]}', "c.jsonl:2: messages[0].content: must be a non-empty"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "c.jsonl:2: messages[0].content: must be a non-empty"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "c.jsonl:2: messages: no assistant turn"),
+        (
+            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "c.jsonl:2: messages[0].role: 'assistant' out of order",
+        ),
+    ],
+)
+def test_bad_corpus_lines_name_file_line_and_field(tmp_path, line, where):
+    good = json.dumps({"messages": CONVERSATION[1:3]})
+    path = write_jsonl(tmp_path / "c.jsonl", [good, line])
+    with pytest.raises(CorpusError, match=None) as err:
+        read_conversations(path)
+    assert where in str(err.value)
+
+
+def test_invalid_utf8_and_empty_and_missing_corpus(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": CONVERSATION[1:3]}).encode()
+    bad.write_bytes(good + b"\n\xff\xfe\n")
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: not valid UTF-8"):
+        read_conversations(bad)
+    with pytest.raises(CorpusError, match="empty"):
+        read_conversations(write_jsonl(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(CorpusError, match="not found"):
+        read_conversations(tmp_path / "nope.jsonl")
+
+
+def test_overlong_examples_are_dropped_or_truncated_with_a_count(tmp_path, caplog, embedded_cache):
+    from meowdread.data import CatCorpusDataModule
+
+    long_reply = "purr " * 200
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+             for i in range(19)]  # fmt: skip
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": long_reply}]}))  # fmt: skip
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    sizes = {}
+    for mode in ("drop", "truncate"):
+        dm = CatCorpusDataModule(corpus=str(corpus), max_length=64, overlong=mode, val_fraction=0.1, seed=0)
+        with caplog.at_level("WARNING"):
+            dm.setup("fit")
+        sizes[mode] = len(dm.train_set) + len(dm.val_set)
+        assert "1 of " in caplog.text and "longer than max_length=64" in caplog.text
+        assert max(len(e["input_ids"]) for e in dm.train_set + dm.val_set) <= 64
+        caplog.clear()
+    assert sizes == {"drop": 19, "truncate": 20}
