@@ -64,7 +64,7 @@ class SampleCallback(pl.Callback):
         with trainer.precision_plugin.forward_context():
             answers = generate(pl_module.model, pl_module.tokenizer, prompts, settings)
         seconds = time.perf_counter() - start
-        rows = "\n".join(f"| {_cell(p)} | {_cell(a)} |" for p, a in zip(prompts, answers))
+        rows = "\n".join(f"| {_cell(p)} | {_cell(a)} |" for p, a in zip(prompts, answers, strict=True))
         text = f"**{label}**, step {trainer.global_step}, {seconds:.1f} s\n\n| prompt | answer |\n|---|---|\n{rows}"
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -79,7 +79,9 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self):
         super().__init__(write_interval="epoch")
 
-    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any) -> None:  # fmt: skip
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         rows = [row for batch in predictions for row in batch]
         if trainer.world_size > 1:  # each rank answered its share of the prompts
             gathered: list = [None] * trainer.world_size
@@ -132,13 +134,17 @@ class SpeedMonitor(pl.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step >= self.warmup_steps and self._start is None:
             self._sync(trainer)
             self._start = time.perf_counter()
             self._tokens = torch.zeros((), dtype=torch.long, device=batch["labels"].device)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._start is not None:
             self._tokens += (batch["labels"][:, 1:] != -100).sum()
 

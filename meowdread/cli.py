@@ -50,13 +50,29 @@ class MeowCLI(LightningCLI):
         print(f"--ckpt_path last: {last}", file=sys.stderr)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+_log_handler = _StderrHandler()
+_log_handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
+
+
 def main(args: list[str] | None = None) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
     package_log = logging.getLogger("meowdread")
-    if not package_log.handlers:
-        package_log.addHandler(handler)
-        package_log.setLevel(logging.INFO)
+    package_log.addHandler(_log_handler)  # a no-op when already added
+    package_log.setLevel(logging.INFO)
+    # bitsandbytes suggests a faster CPU kernel from the `kernels` package, which downloads it from the hub:
+    # noise for an offline run, and not something to install here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         MeowCLI(
             QLoraModule,

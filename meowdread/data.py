@@ -94,7 +94,9 @@ def _check_messages(record: Any, path: Path, number: int) -> list[Message]:
     if not any(m["role"] == "assistant" for m in messages):
         raise CorpusError(path, number, "messages", "no assistant turn: nothing to train on")
     if messages[-1]["role"] != "assistant":
-        raise CorpusError(path, number, f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant turn")
+        raise CorpusError(
+            path, number, f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant turn"
+        )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -132,7 +134,7 @@ def encode_conversation(tokenizer, messages: list[Message], turn_end: str = "<|e
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         token if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE_INDEX
-        for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+        for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
     return {"input_ids": list(enc["input_ids"]), "labels": labels}
 
@@ -140,7 +142,7 @@ def encode_conversation(tokenizer, messages: list[Message], turn_end: str = "<|e
 def format_trained_tokens(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
     """Debug view: the example's text with trained tokens inside ⟦…⟧ (nanochat's idea)."""
     out, trained = [], False
-    for token, label in zip(input_ids, labels):
+    for token, label in zip(input_ids, labels, strict=True):
         now = label != IGNORE_INDEX
         if now != trained:
             out.append("⟦" if now else "⟧")
@@ -275,11 +277,19 @@ class CatCorpusDataModule(pl.LightningDataModule):
             examples.append(e)
         if overlong:
             verb = "truncated" if truncate else "dropped"
-            log.warning("%s: %d of %d %s examples are longer than max_length=%d and were %s",
-                        self.hparams.corpus, overlong, len(split), name, max_length, verb)  # fmt: skip
+            log.warning(
+                "%s: %d of %d %s examples are longer than max_length=%d and were %s",
+                self.hparams.corpus,
+                overlong,
+                len(split),
+                name,
+                max_length,
+                verb,
+            )
         if not examples:
-            raise CorpusError(self.hparams.corpus, None, "max_length",
-                              f"every {name} example is longer than {max_length} tokens")  # fmt: skip
+            raise CorpusError(
+                self.hparams.corpus, None, "max_length", f"every {name} example is longer than {max_length} tokens"
+            )
         return examples
 
     def _loader(self, examples: list[dict], sampler=None) -> DataLoader:

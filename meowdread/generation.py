@@ -9,7 +9,7 @@ import torch
 Message = dict[str, str]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     """How answers are sampled."""
 

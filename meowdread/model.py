@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizationSettings:
     """How the frozen base is loaded (bitsandbytes through transformers' ``BitsAndBytesConfig``)."""
 
@@ -59,7 +59,7 @@ class QuantizationSettings:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     """The peft LoRA adapter."""
 
@@ -308,7 +308,7 @@ class QLoraModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
         answers = generate(self.model, self.tokenizer, batch["prompts"], self.sampling)
-        return [{"prompt": p, "answer": a} for p, a in zip(batch["prompts"], answers)]
+        return [{"prompt": p, "answer": a} for p, a in zip(batch["prompts"], answers, strict=True)]
 
     # ----------------------------------------------------------------- checkpoints and export
     def trainable_state_keys(self) -> set[str]:
@@ -331,7 +331,8 @@ class QLoraModule(pl.LightningModule):
             )
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
+        # fast_dev_run is a smoke test with no run directory: nothing to export.
+        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             path = self.export_adapter(Path(self.trainer.log_dir) / "adapter")
             log.info("adapter saved to %s", path)
 

@@ -29,7 +29,7 @@ CONVERSATION = [
 def trained_runs(tokenizer, example):
     """The decoded text of each contiguous run of trained tokens."""
     runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label != IGNORE_INDEX:
             assert label == token
             current.append(token)
@@ -151,9 +151,13 @@ def test_overlong_examples_are_dropped_or_truncated_with_a_count(tmp_path, caplo
     from meowdread.data import CatCorpusDataModule
 
     long_reply = "purr " * 200
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
-             for i in range(19)]  # fmt: skip
-    lines.append(json.dumps({"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": long_reply}]}))  # fmt: skip
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+        for i in range(19)
+    ]
+    lines.append(
+        json.dumps({"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": long_reply}]})
+    )
     corpus = write_jsonl(tmp_path / "c.jsonl", lines)
     sizes = {}
     for mode in ("drop", "truncate"):

@@ -28,7 +28,9 @@ def make_module(**kwargs) -> QLoraModule:
 
 def batch_of(tokenizer, *replies):
     examples = [
-        encode_conversation(tokenizer, [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": r}])
+        encode_conversation(
+            tokenizer, [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": r}]
+        )
         for i, r in enumerate(replies)
     ]
     return collate(examples, pad_id=tokenizer.pad_token_id)
@@ -105,9 +107,17 @@ def test_loss_is_normalised_by_trained_tokens_across_accumulated_micro_batches(t
     assert not all(torch.allclose(expected[k], naive[k], rtol=1e-2) for k in expected)  # the test can fail
 
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=2, precision="32-true", logger=False,
-        default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        precision="32-true",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader([short, long], batch_size=None))
     for key, value in lora_params(module).items():
         torch.testing.assert_close(start[key] - value, expected[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -132,10 +142,16 @@ def fit(root, corpus, epochs, ckpt_path=None, **module_kwargs):
     )
     data = CatCorpusDataModule(corpus=str(corpus), batch_size=4, val_fraction=0.1, seed=0)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, precision="bf16-mixed", default_root_dir=root, logger=False,
+        accelerator="cpu",
+        max_epochs=epochs,
+        precision="bf16-mixed",
+        default_root_dir=root,
+        logger=False,
         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, data, trainer
 
@@ -148,7 +164,9 @@ def test_checkpoint_holds_lora_weights_only_and_resuming_continues_the_same_run(
     assert all(".lora_A." in k or ".lora_B." in k for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
-    resumed, _, trainer = fit(tmp_path / "split", small_corpus, epochs=2, ckpt_path=tmp_path / "split/checkpoints/last.ckpt")
+    resumed, _, trainer = fit(
+        tmp_path / "split", small_corpus, epochs=2, ckpt_path=tmp_path / "split/checkpoints/last.ckpt"
+    )
     assert trainer.current_epoch == 2
     expected, got = lora_params(straight), lora_params(resumed)
     assert any(not torch.equal(got[k], lora_params(first)[k]) for k in got)  # epoch 2 really trained
