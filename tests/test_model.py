@@ -196,7 +196,10 @@ def test_exported_adapter_loads_with_stock_peft_and_gives_the_modules_logits(tmp
     assert config["r"] == 16 and set(config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_pretrained(TINY), quantization_config=QuantizationSettings().to_transformers(), dtype=torch.bfloat16
+        resolve_pretrained(TINY),
+        quantization_config=QuantizationSettings().to_transformers(),
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},  # where the module trained, also on a machine with a GPU
     )
     stock = PeftModel.from_pretrained(base, adapter).eval()
     batch = batch_of(tokenizer, "If I fits, I sits. But what if the void fits?")

@@ -1,0 +1,39 @@
+"""GPU-only: the GPU recipe's own settings (CUDA, paged AdamW, activation checkpointing) through the CLI.
+
+Skipped without CUDA. The tiny model stands in for Phi-3-mini, so this checks the code path, not speed
+(for speed, see benchmarks/gpu_fit.sh).
+"""
+
+import json
+
+import pytest
+import torch
+
+from meowdread.cli import main
+from meowdread.data import read_prompts
+
+from .conftest import CORPUS, PROMPTS, REPO
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_the_gpu_recipe_trains_checkpoints_and_predicts_on_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+    common = [
+        "--config", str(REPO / "configs" / "phi3_qlora.yaml"),
+        "--model.pretrained", "embedded:tiny-phi3",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--data.corpus", str(CORPUS), "--data.prompts", str(PROMPTS),
+    ]  # fmt: skip
+    main(["fit", *common, "--trainer.max_steps", "8", "--trainer.limit_val_batches", "2"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(".lora_" in key for key in ckpt["state_dict"])
+    assert ckpt["optimizer_states"][0]["state"]  # the paged optimizer's state is saved too
+    main(["predict", *common, "--ckpt_path", "last", "--model.sampling.max_new_tokens", "16"])
+    rows = (tmp_path / "lightning_logs" / "version_1" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == len(read_prompts(PROMPTS)) and json.loads(rows[0])["answer"]
