@@ -1,7 +1,8 @@
 """Embedded models: offline stand-ins for ``microsoft/Phi-3-mini-4k-instruct``.
 
 No hub is reachable here, so ``model.pretrained: embedded:NAME`` builds, deterministically, a
-``Phi3ForCausalLM`` with random weights and a byte-level BPE tokenizer trained on the cat corpus. The
+``Phi3ForCausalLM`` with random weights and a byte-level BPE tokenizer trained on the cat corpus
+(``data/cat_corpus.jsonl``, or the file ``$MEOWDREAD_TINY_CORPUS`` names). The
 tokenizer carries Phi-3's special tokens and chat template. Both are written to a cache directory as an
 ordinary Hugging Face checkpoint, which then goes through exactly the same ``from_pretrained`` +
 ``BitsAndBytesConfig`` path as the real model.
