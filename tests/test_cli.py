@@ -36,6 +36,20 @@ def test_every_config_parses_and_says_how_to_run_it(config, capsys):
     assert resolved["model"]["trust_remote_code"] is False
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_spells_out_every_option(config):
+    """So a user reading a config sees every knob, and a new option cannot be added without a value here."""
+    import inspect
+
+    from meowdread.data import CatCorpusDataModule
+    from meowdread.model import QLoraModule
+
+    resolved = yaml.safe_load(config.read_text())
+    for section, cls, linked in (("model", QLoraModule, set()), ("data", CatCorpusDataModule, {"pretrained"})):
+        options = set(inspect.signature(cls.__init__).parameters) - {"self"} - linked
+        assert options <= set(resolved[section]), f"{section}: {sorted(options - set(resolved[section]))}"
+
+
 def test_the_gpu_recipe_is_sprint_1s():
     config = yaml.safe_load((REPO / "configs" / "phi3_qlora.yaml").read_text())
     model, trainer = config["model"], config["trainer"]
