@@ -169,3 +169,16 @@ def test_overlong_examples_are_dropped_or_truncated_with_a_count(tmp_path, caplo
         assert max(len(e["input_ids"]) for e in dm.train_set + dm.val_set) <= 64
         caplog.clear()
     assert sizes == {"drop": 19, "truncate": 20}
+
+
+def test_the_train_val_split_is_fixed_by_the_seed(embedded_cache):
+    from meowdread.data import CatCorpusDataModule
+
+    def val_ids(seed):
+        dm = CatCorpusDataModule(seed=seed, val_fraction=0.1)
+        dm.setup("fit")
+        return sorted(tuple(e["input_ids"]) for e in dm.val_set), len(dm.train_set) + len(dm.val_set)
+
+    (same, n), (again, _), (other, _) = val_ids(1), val_ids(1), val_ids(2)
+    assert same == again and same != other
+    assert len(same) == 33 and n == 330  # 10% held out; nothing dropped at the default max_length=1024
