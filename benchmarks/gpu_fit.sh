@@ -19,7 +19,6 @@ echo "== fit: the same with peft's prepare_model_for_kbit_training upcast (PITFA
 cli fit --config configs/phi3_qlora.yaml --model.pretrained $MODEL --trainer.max_steps 20 \
   --model.upcast_frozen_weights true --trainer.logger.init_args.version upcast
 
-echo "== predict: the first 8 prompts from the recipe run's last checkpoint"
-cli predict --config configs/phi3_qlora.yaml --model.pretrained $MODEL \
-  --ckpt_path lightning_logs/recipe/checkpoints/last.ckpt --trainer.limit_predict_batches 1 \
-  --trainer.logger.init_args.version predict
+echo "== predict: all prompts of data/prompts.txt from the recipe run's last checkpoint"
+time cli predict --config configs/phi3_qlora.yaml --model.pretrained $MODEL \
+  --ckpt_path lightning_logs/recipe/checkpoints/last.ckpt --trainer.logger.init_args.version predict

@@ -115,14 +115,17 @@ class SpeedMonitor(pl.Callback):
 
     The clock runs from the start of a training batch to the end of the next one without a gap, so
     validation and the sample callback are not counted; the first ``warmup_steps`` optimizer steps are left
-    out. Logs ``perf/trained_tokens_per_s`` and ``perf/peak_mem_gb`` and prints a summary at the end of ``fit``.
-    A trained token is one whose label is not -100 (no padding, no prompt).
+    out. Peak memory is likewise that of training: the peak is set aside before validation (where the
+    epoch-end samples are drawn) and reset after it. Logs ``perf/trained_tokens_per_s`` and
+    ``perf/peak_mem_gb`` and prints a summary at the end of ``fit``. A trained token is one whose label is
+    not -100 (no padding, no prompt).
     """
 
     def __init__(self, warmup_steps: int = 5):
         self.warmup_steps = warmup_steps
         self.tokens = 0
         self.seconds = 0.0
+        self.peak_bytes = 0  # training's peak before the last validation
         self._tokens = None  # on the device, so counting does not synchronise every batch
         self._start = None
 
@@ -158,6 +161,12 @@ class SpeedMonitor(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(trainer)
+        if trainer.training and trainer.strategy.root_device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(trainer.strategy.root_device))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(trainer)
@@ -166,12 +175,13 @@ class SpeedMonitor(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        """Throughput over all ranks (assuming they are alike) and this rank's peak memory, so far."""
+        """Throughput over all ranks (assuming they are alike) and this rank's training peak memory, so far."""
         metrics = {}
         if self.seconds > 0:
             metrics["perf/trained_tokens_per_s"] = self.tokens * trainer.world_size / self.seconds
         if trainer.strategy.root_device.type == "cuda":
-            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+            peak = max(self.peak_bytes, torch.cuda.max_memory_allocated(trainer.strategy.root_device))
+            metrics["perf/peak_mem_gb"] = peak / 2**30
         return metrics
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
