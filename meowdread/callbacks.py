@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 def write_atomic(path: Path, text: str) -> None:
     """Write beside ``path`` and rename over it: a crash never leaves half a file where a good one was."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _cell(text: str) -> str:

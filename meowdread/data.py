@@ -49,7 +49,7 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
     """Read and check a JSON-lines corpus of ``{"messages": [...]}`` records."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(path, None, None, "corpus file not found")
+        raise CorpusError(path, None, "data.corpus", "file not found")
     conversations, seen = [], {}
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
@@ -69,7 +69,7 @@ def read_conversations(path: str | Path) -> list[list[Message]]:
         seen.setdefault(key, number)
         conversations.append(messages)
     if not conversations:
-        raise CorpusError(path, None, None, "the corpus is empty")
+        raise CorpusError(path, None, "data.corpus", "no conversations in the file")
     return conversations
 
 
@@ -104,10 +104,10 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(path, None, None, "prompts file not found")
+        raise CorpusError(path, None, "data.prompts", "file not found")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise CorpusError(path, None, None, "the prompts file is empty")
+        raise CorpusError(path, None, "data.prompts", "no prompts in the file")
     return prompts
 
 
@@ -182,6 +182,51 @@ class LengthGroupedSampler(Sampler[int]):
         return (i for batch in batches for i in batch)
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that knows its place in the epoch, so a resumed run goes on at the very next batch instead
+    of replaying the epoch from its start.
+
+    The state is the sampler's epoch and how many batches of it were handed out. After ``load_state_dict``,
+    the next iteration of that same epoch skips as many batches; this gives the uninterrupted run's batches
+    exactly because the sampler's order is a function of its seed and epoch (``LengthGroupedSampler``).
+    It draws no number from the global torch RNG when iterated (it has its own ``generator``), so a resumed
+    run's dropout masks are the uninterrupted run's too. ``CatCorpusDataModule`` saves and restores the state
+    with the checkpoint.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+        self._epoch, self._served, self._resume = 0, 0, None
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this body runs at the first next(), after Lightning's set_epoch.
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        self._epoch, self._served, self._resume = epoch, skip, None
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served, **self._shape()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._shape() != {key: state[key] for key in self._shape()}:
+            raise ValueError(
+                f"data: the checkpoint's epoch has {state['examples']} training examples in batches of "
+                f"{state['batch_size']}, this run {self._shape()['examples']} in batches of {self.batch_size}; "
+                "resume with the checkpoint's data.corpus, max_length, val_fraction and batch_size"
+            )
+        self._resume = state
+
+    def _shape(self) -> dict[str, int]:
+        return {"examples": len(self.dataset), "batch_size": self.batch_size}
+
+
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ids (with ``pad_id``) and labels (with -100); the attention mask marks real tokens."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -237,6 +282,8 @@ class CatCorpusDataModule(pl.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self._prompts: list[str] | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -255,7 +302,9 @@ class CatCorpusDataModule(pl.LightningDataModule):
         dataset = Dataset.from_list([{"messages": c} for c in conversations])
         n_val = max(1, round(len(dataset) * self.hparams.val_fraction))
         if n_val >= len(dataset):
-            raise CorpusError(self.hparams.corpus, None, None, f"{len(dataset)} conversations are too few to split")
+            raise CorpusError(
+                self.hparams.corpus, None, "data.val_fraction", f"{len(dataset)} conversations are too few to split"
+            )
         split = dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
         self.train_set = self._encode(split["train"], "train")
         self.val_set = self._encode(split["test"], "val")
@@ -288,12 +337,12 @@ class CatCorpusDataModule(pl.LightningDataModule):
             )
         if not examples:
             raise CorpusError(
-                self.hparams.corpus, None, "max_length", f"every {name} example is longer than {max_length} tokens"
+                self.hparams.corpus, None, "data.max_length", f"every {name} example is longer than {max_length} tokens"
             )
         return examples
 
-    def _loader(self, examples: list[dict], sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, examples: list[dict], sampler=None, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        return loader_class(
             examples,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
@@ -303,7 +352,21 @@ class CatCorpusDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         lengths = [len(e["input_ids"]) for e in self.train_set]
-        return self._loader(self.train_set, LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed))
+        sampler = LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed)
+        self._train_loader = self._loader(self.train_set, sampler, ResumableDataLoader)
+        if self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's place in its epoch, which Lightning keeps in each checkpoint."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Lightning restores this before it asks for the training loader. (It also keeps the loader's state in
+        # its loop state, but on resume builds the loader before loading that, and then never loads it.)
+        self._train_loader_state = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(sorted(self.val_set, key=lambda e: -len(e["input_ids"])))

@@ -8,6 +8,7 @@ calls :meth:`QLoraModule.compute_loss`; override that one method to try another 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
+from meowdread.checkpoints import rng_states, saved_checkpoints, set_rng_states
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
@@ -161,6 +163,7 @@ class QLoraModule(pl.LightningModule):
         self.eval_loss = MeanMetric()
         self._window_loss = torch.zeros(())
         self._window_tokens = torch.zeros(())
+        self._rng_to_restore: dict | None = None
 
     # ----------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -187,7 +190,13 @@ class QLoraModule(pl.LightningModule):
         base.config.use_cache = False  # generation turns it back on per call
         self._prepare_base(base)
         if hp.adapter:
-            self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+            try:
+                self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+            except (RuntimeError, ValueError) as err:  # size mismatch, or targets that the base does not have
+                raise ValueError(
+                    f"{hp.adapter}: model.adapter: an adapter of {adapter_base(hp.adapter)!r} does not fit "
+                    f"model.pretrained {hp.pretrained!r}: {_first_problem(err)}"
+                ) from None
         else:
             unmatched = find_unmatched_targets(base, self.lora.target_modules)
             if unmatched:
@@ -277,6 +286,12 @@ class QLoraModule(pl.LightningModule):
         """
         tokens = self.trainer.strategy.reduce(self._window_tokens.float(), reduce_op="sum").clamp(min=1)
         loss = self.trainer.strategy.reduce(self._window_loss, reduce_op="sum") / tokens
+        if not torch.isfinite(loss):  # before the update: the weights and the checkpoints stay as they were
+            raise FloatingPointError(
+                f"training diverged at step {self.trainer.global_step + 1}: the loss is {loss.item()}. Stopped "
+                f"before updating the weights; {self._last_good_checkpoint()}. Try a lower "
+                "model.optimizer.init_args.lr, or look for odd examples in data.corpus"
+            )
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         for p in self.parameters():
             if p.grad is not None:
@@ -315,20 +330,58 @@ class QLoraModule(pl.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the LoRA weights: the frozen base is reloaded from ``pretrained`` (Lightning #19149)."""
+        """Keep only the LoRA weights: the frozen base is reloaded from ``pretrained`` (Lightning #19149).
+
+        Never saves weights that are not finite, so the checkpoints on disk stay good ones; the RNG states go
+        along, for an exact resume.
+        """
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        self._check_finite(checkpoint["state_dict"], "a checkpoint")
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected, found = self.trainable_state_keys(), set(checkpoint.get("state_dict", {}))
-        if expected != found:
-            missing, unexpected = sorted(expected - found), sorted(found - expected)
+        """Refuse a checkpoint whose LoRA weights do not fit this model, naming the first misfit."""
+        state = checkpoint.get("state_dict", {})
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        resized = [k for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+        problems = [f"{len(missing)} LoRA weights missing ({missing[0]})"] if missing else []
+        problems += [f"{len(unexpected)} unexpected ({unexpected[0]})"] if unexpected else []
+        if resized:
+            k = resized[0]
+            shapes = f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+            problems.append(f"{len(resized)} of another shape ({k}: {shapes})")
+        if problems:
+            where = f"{self._trainer.ckpt_path}: ckpt_path: " if self._trainer is not None else ""
+            trained_on = checkpoint.get("hyper_parameters", {}).get("pretrained", "another model")
             raise ValueError(
-                f"the checkpoint does not fit this model ({self.hparams.pretrained}, "
-                f"LoRA r={self.lora.r} on {self.lora.target_modules}): {len(missing)} LoRA weights missing "
-                f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}. Was it trained with another "
-                "model.pretrained or model.lora?"
+                f"{where}the checkpoint does not fit this model ({self.hparams.pretrained}, LoRA r={self.lora.r} "
+                f"on {self.lora.target_modules}): {'; '.join(problems)}. It was trained on {trained_on}, "
+                "with another model.pretrained or model.lora"
             )
+        # Restored at the first resumed batch: whatever runs before it (sanity check, samples) draws nothing
+        # that the uninterrupted run drew at that point.
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        self._rng_to_restore = checkpoint.get("rng_states") if fitting else None
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _check_finite(self, state: dict[str, torch.Tensor], what: str) -> None:
+        bad = [name for name, value in state.items() if not torch.isfinite(value).all()]
+        if bad:
+            step = f" by step {self._trainer.global_step}" if self._trainer is not None else ""
+            raise FloatingPointError(
+                f"training diverged{step}: {len(bad)} LoRA weights are not finite ({bad[0]}), so {what} was not "
+                f"written; {self._last_good_checkpoint()}. Try a lower model.optimizer.init_args.lr"
+            )
+
+    def _last_good_checkpoint(self) -> str:
+        saved = saved_checkpoints(self._trainer) if self._trainer is not None else []
+        return f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
     def on_train_end(self) -> None:
         # fast_dev_run is a smoke test with no run directory: nothing to export.
@@ -339,6 +392,7 @@ class QLoraModule(pl.LightningModule):
     def export_adapter(self, directory: str | Path) -> Path:
         """Save the adapter in peft's format, with the tokenizer, replacing ``directory`` atomically."""
         directory = Path(directory)
+        self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging)
@@ -349,3 +403,16 @@ class QLoraModule(pl.LightningModule):
         staging.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
         return directory
+
+
+def adapter_base(adapter: str | Path) -> str:
+    """The base model a peft adapter directory says it was trained on."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    return str(config.get("base_model_name_or_path"))
+
+
+def _first_problem(err: Exception) -> str:
+    """The first informative line of a loading error (torch lists every mismatched tensor)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else repr(err))
+    return detail[:300]

@@ -1,0 +1,189 @@
+"""Checkpoint files that survive a crash and cannot run code, a Ctrl-C that saves one, and RNG states to resume.
+
+- :class:`SafeCheckpointIO` writes a checkpoint to ``<name>.tmp`` beside it, fsyncs it and renames it over the
+  old one, so a kill or a full disk mid-save leaves the previous checkpoint whole. (Lightning's own
+  ``TorchCheckpointIO`` stages the file in the system temp directory and moves it: when that is another
+  filesystem, the move is a copy onto the target, which a kill can cut short.) It loads with
+  ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint is tensors and plain values, and
+  unpickling anything else could run code. An unreadable file is one :class:`CheckpointError`.
+- :class:`SaveOnInterrupt`: the first Ctrl-C lets the optimizer step under way finish, saves ``last.ckpt``
+  and exits with code 1; ``--ckpt_path last`` resumes there. A second Ctrl-C quits at once, unsaved.
+- :func:`rng_states` and :func:`set_rng_states`: the RNG states a checkpoint carries, so that a resumed run
+  draws the same LoRA dropout masks as an uninterrupted one.
+
+The CLI installs the first two for every run:
+
+    meowdread fit --config configs/tiny.yaml                    # Ctrl-C: saves last.ckpt, exits 1
+    meowdread fit --config configs/tiny.yaml --ckpt_path last   # goes on from there
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import signal
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: ckpt_path: {problem}")
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with one readable :class:`CheckpointError` for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the very end
+        raise CheckpointError(path, "not a complete checkpoint (truncated, or not written by torch.save)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            path, f"refused: it holds a pickled object{what}, not only weights, and loading it could run code"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(path, f"not a readable checkpoint ({str(err).splitlines()[0]})") from None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, durable saves and weights-only loads of local checkpoint files (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own handling
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:  # make the rename itself durable
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location)
+
+
+def last_checkpoint_path(trainer: pl.Trainer) -> Path:
+    """Where ``last.ckpt`` goes: the checkpoint callback's directory, else ``<run dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST))
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def saved_checkpoints(trainer: pl.Trainer) -> list[Path]:
+    """The checkpoint files this run's callbacks have written so far, newest last."""
+    paths = {
+        Path(p)
+        for callback in trainer.checkpoint_callbacks
+        for p in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", ""))
+        if p and Path(p).is_file()
+    }
+    return sorted(paths, key=lambda p: p.stat().st_mtime)
+
+
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C during ``fit`` saves ``last.ckpt`` once the optimizer step under way is done, then exits.
+
+    The save waits for a step boundary so that the checkpoint is a state the run really passed through (never
+    half an optimizer update or half an accumulation window), which is what makes resuming from it exact.
+    """
+
+    def __init__(self):
+        self._trainer: pl.Trainer | None = None
+        self._requested_at: int | None = None
+        self._previous_handler: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._trainer, self._requested_at = trainer, None
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._requested_at is not None:  # the second Ctrl-C: quit now
+            self._restore_handler()
+            raise KeyboardInterrupt
+        self._requested_at = self._trainer.global_step
+        print(
+            "\nmeowdread: Ctrl-C: saving a checkpoint after the current step (Ctrl-C again to quit without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._requested_at is None or trainer.global_step == self._requested_at:
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: a checkpoint to resume from
+        print(
+            f"meowdread: interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt  # Lightning tears down and exits with code 1
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+
+def rng_states() -> dict[str, Any]:
+    """The torch (CPU and CUDA), Python and NumPy RNG states, as tensors and plain values (weights-only safe)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
