@@ -1,13 +1,41 @@
-"""Shared fixtures: one embedded tiny Phi-3 per session, built in a temporary cache (offline, ~1 s)."""
+"""Shared fixtures: one embedded tiny Phi-3 per session, built in a temporary cache (offline, ~1 s).
+
+The suite runs offline however it is started: ``HF_HUB_OFFLINE=1`` is set before anything imports
+huggingface_hub, and every socket connection to another machine raises (``tests/offline.py``); a test that
+tried one fails, even if the library it came from swallowed the error.
+"""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from . import offline
+
+# Before huggingface_hub and transformers read them, at their import by a test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+# Where transformers copies a model's own Python files (test_security loads one): not the user's cache.
+os.environ["HF_MODULES_CACHE"] = HF_MODULES = tempfile.mkdtemp(prefix="meowdread-test-hf-modules-")
+offline.block_network()  # from collection on
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "cat_corpus.jsonl"
 PROMPTS = REPO / "data" / "prompts.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_hf_modules():
+    yield
+    shutil.rmtree(HF_MODULES, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_network_attempt():
+    offline.attempts.clear()
+    yield
+    assert not offline.attempts, f"a test tried to reach the network: {offline.attempts}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -157,14 +157,6 @@ def test_fit_with_ckpt_path_last_resumes_in_the_same_run_directory(run, tmp_path
     assert len(val) == EPOCHS + 1
 
 
-def test_bad_input_is_one_readable_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli("fit", tmp_path, "--data.corpus", str(tmp_path / "missing.jsonl"))
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "missing.jsonl: corpus file not found" in err and "Traceback" not in err
-
-
 def test_predict_from_the_exported_adapter_matches_predict_from_the_checkpoint(run, tmp_path):
     cli("predict", tmp_path, "--model.adapter", str(run[0] / "adapter"))
     from_adapter = (tmp_path / "lightning_logs" / "version_0" / "predictions.jsonl").read_text().splitlines()

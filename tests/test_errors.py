@@ -1,0 +1,335 @@
+"""Bad input through the CLI: one line that names the file, the line and the field; exit code 2; nothing lost.
+
+Each case is a row of the README's troubleshooting table, and the test holds the real message against the
+row's (``…`` stands for any text), so the table stays true.
+"""
+
+import inspect
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from meowdread.cli import main
+
+from .conftest import CORPUS, PROMPTS, REPO, write_jsonl
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+GOOD = json.dumps({"messages": [{"role": "user", "content": "Why sit?"}, {"role": "assistant", "content": "I fits."}]})
+
+
+@pytest.fixture(autouse=True)
+def bare_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+
+
+def readme_rows() -> dict[str, str]:
+    """``input`` → ``message`` of the README's troubleshooting table."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Troubleshooting\n")[1].split("\n## ")[0]
+    rows = [re.fullmatch(r"\| (.+?) \| `(.+?)` \| .+ \|", line) for line in section.splitlines()]
+    return {row.group(1): row.group(2) for row in rows if row}
+
+
+# README row → (build, warns): build(tmp_path, *fixtures it names) gives the CLI args; a row that warns runs.
+CASES: dict[str, tuple[Callable[..., list[str]], bool]] = {}
+
+
+def case(row: str, warns: bool = False):
+    def register(build):
+        CASES[row] = (build, warns)
+        return build
+
+    return register
+
+
+def cli(subcommand: str, tmp_path, *extra: str, config: str = TINY) -> list[str]:
+    return [
+        subcommand,
+        "--config",
+        config,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.corpus",
+        str(CORPUS),
+        "--data.prompts",
+        str(PROMPTS),
+        *extra,
+    ]
+
+
+def corpus_with(tmp_path, second_line: str) -> str:
+    return str(write_jsonl(tmp_path / "corpus.jsonl", [GOOD, second_line]))
+
+
+def line_case(row: str, line: str) -> None:
+    case(row)(lambda tmp_path: cli("fit", tmp_path, "--data.corpus", corpus_with(tmp_path, line)))
+
+
+line_case("a line that is not JSON", "{not json")
+line_case("a record without `messages`", '{"text": "hai"}')
+line_case("an unknown role", '{"messages": [{"role": "cat", "content": "meow"}]}')
+line_case("content that is not a string", '{"messages": [{"role": "user", "content": 3}]}')
+line_case("empty content", '{"messages": [{"role": "user", "content": " "}]}')
+line_case(
+    "no assistant turn", '{"messages": [{"role": "system", "content": "Be a cat."}, {"role": "user", "content": "a"}]}'
+)
+line_case(
+    "roles out of order",
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+)
+
+
+@case("corpus file missing")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.corpus", str(tmp_path / "missing.jsonl"))
+
+
+@case("empty corpus")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.corpus", str(write_jsonl(tmp_path / "corpus.jsonl", ["", "  "])))
+
+
+@case("invalid UTF-8")
+def _(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(GOOD.encode() + b'\n{"messages": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    return cli("fit", tmp_path, "--data.corpus", str(path))
+
+
+@case("every example longer than `max_length`")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.max_length", "8")
+
+
+@case("duplicate conversations", warns=True)
+def _(tmp_path):
+    others = [GOOD.replace("Why sit?", f"Why sit {i} times?") for i in range(9)]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD, *others, GOOD])
+    return cli("validate", tmp_path, "--data.corpus", str(corpus), "--data.val_fraction", "0.2")
+
+
+@case("prompts file missing")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.prompts", str(tmp_path / "prompts.txt"))
+
+
+@case("empty prompts file")
+def _(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n \n", encoding="utf-8")
+    return cli("predict", tmp_path, "--data.prompts", str(tmp_path / "prompts.txt"))
+
+
+@case("unknown key in a config file")
+def _(tmp_path):
+    (tmp_path / "mine.yaml").write_text("model:\n  lora:\n    rank: 8\n", encoding="utf-8")
+    return cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml"))
+
+
+@case("unknown option on the command line")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.rank", "8")
+
+
+@case("a value of the wrong type")
+def _(tmp_path):
+    (tmp_path / "mine.yaml").write_text("data:\n  batch_size: eight\n", encoding="utf-8")
+    return cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml"))
+
+
+@case("a config file that is not YAML")
+def _(tmp_path):
+    (tmp_path / "mine.yaml").write_text("trainer:\n  max_epochs: [1\n", encoding="utf-8")
+    return cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml"))
+
+
+@case("a LoRA target that matches nothing")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.target_modules", "[q_proj, v_proj]")
+
+
+@case("a model path that does not exist")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.pretrained", str(tmp_path / "phi3"))
+
+
+@case("a hub id that is not downloaded, offline")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.pretrained", "meowdread-tests/not-a-model")
+
+
+def needs_no_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+
+@case("the GPU recipe without CUDA")
+def _(tmp_path):
+    needs_no_cuda()
+    return cli("fit", tmp_path, config=str(REPO / "configs" / "phi3_qlora.yaml"))
+
+
+@case("a paged optimizer without CUDA")
+def _(tmp_path):
+    needs_no_cuda()
+    return cli("fit", tmp_path, "--model.optimizer", "bitsandbytes.optim.PagedAdamW32bit")
+
+
+def fake_checkpoint(path, **lora) -> str:
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"]} | lora
+    torch.save({"state_dict": {}, "hyper_parameters": {"pretrained": "embedded:tiny-phi3", "lora": lora}}, path)
+    return str(path)
+
+
+@case("`--ckpt_path` missing")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--ckpt_path", str(tmp_path / "last.ckpt"))
+
+
+@case("`--ckpt_path` truncated")
+def _(tmp_path):
+    path = tmp_path / "last.ckpt"
+    fake_checkpoint(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return cli("fit", tmp_path, "--ckpt_path", str(path))
+
+
+@case("`--ckpt_path` of another adapter shape")
+def _(tmp_path):
+    return cli("predict", tmp_path, "--ckpt_path", fake_checkpoint(tmp_path / "last.ckpt", r=4))
+
+
+class RunsCode:
+    """Unpickling this would run ``print``: a stand-in for anything worse."""
+
+    def __reduce__(self):
+        return print, ("this ran while loading a checkpoint",)
+
+
+@case("a checkpoint that holds pickled code")
+def _(tmp_path):
+    torch.save({"state_dict": {}, "hyper_parameters": {"note": RunsCode()}}, tmp_path / "evil.ckpt")
+    return cli("predict", tmp_path, "--ckpt_path", str(tmp_path / "evil.ckpt"))
+
+
+@case("an adapter directory that is not one")
+def _(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    return cli("predict", tmp_path, "--model.adapter", str(tmp_path / "adapter"))
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory, embedded_cache):
+    """A Phi-3 of another width with the same tokenizer, and a LoRA checkpoint and adapter of the tiny one."""
+    import shutil
+
+    from meowdread.embedded import SPECS, _init_model, resolve_pretrained
+    from meowdread.model import LoraSettings, QLoraModule
+
+    root = tmp_path_factory.mktemp("other-base")
+    tiny = resolve_pretrained("embedded:tiny-phi3")
+    module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0))
+    module.configure_model()
+    module.export_adapter(root / "adapter")
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    torch.save(
+        {
+            "state_dict": {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()},
+            "hyper_parameters": {"pretrained": "embedded:tiny-phi3", "lora": lora},
+            "pytorch-lightning_version": "2.6.6",
+        },
+        root / "last.ckpt",
+    )
+    base = root / "phi3-narrow"
+    _init_model(module.tokenizer, {**SPECS["tiny-phi3"], "hidden_size": 64, "intermediate_size": 128}).save_pretrained(
+        base
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny) / name, base / name)
+    return root
+
+
+@case("`--ckpt_path` of another base model")
+def _(tmp_path, other_base):
+    return cli(
+        "predict",
+        tmp_path,
+        "--model.pretrained",
+        str(other_base / "phi3-narrow"),
+        "--ckpt_path",
+        str(other_base / "last.ckpt"),
+    )
+
+
+@case("an adapter of another base model")
+def _(tmp_path, other_base):
+    return cli(
+        "predict",
+        tmp_path,
+        "--model.pretrained",
+        str(other_base / "phi3-narrow"),
+        "--model.adapter",
+        str(other_base / "adapter"),
+    )
+
+
+@case("an adapter saved as a pickle (`.bin`)")
+def _(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
+    return cli("predict", tmp_path, "--model.adapter", str(tmp_path / "adapter"))
+
+
+@case("an output directory that cannot be written")
+def _(tmp_path):
+    (tmp_path / "file").write_text("not a directory", encoding="utf-8")
+    args = cli("fit", tmp_path)
+    args[args.index("--trainer.logger.init_args.save_dir") + 1] = str(tmp_path / "file" / "runs")
+    return args
+
+
+def test_every_readme_row_has_a_case_and_every_case_a_row():
+    assert sorted(readme_rows()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("row", sorted(CASES))
+def test_bad_input_gives_one_line_that_the_readme_shows(row, tmp_path, capsys, request):
+    build, warns = CASES[row]
+    needs = [name for name in inspect.signature(build).parameters if name != "tmp_path"]
+    args = build(tmp_path, *[request.getfixturevalue(name) for name in needs])
+    earlier = tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    earlier.parent.mkdir(parents=True, exist_ok=True)
+    earlier.write_bytes(b"an earlier run's checkpoint")
+    if warns:
+        main(args)
+        err = capsys.readouterr().err
+        found = [line.removeprefix("[meowdread] ") for line in err.splitlines() if "duplicate" in line]
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, err[-3000:]
+        assert "Traceback" not in err and "usage:" not in err
+        found = [line.removeprefix("meowdread: error: ") for line in err.splitlines() if line.startswith("meowdread:")]
+        assert err.rstrip().endswith("(set MEOWDREAD_DEBUG=1 for the traceback)")
+    assert len(found) == 1, err[-3000:]
+    expected = readme_rows()[row]
+    assert re.fullmatch(re.escape(expected).replace("…", ".*"), found[0]), f"\n{found[0]}\n{expected}"
+    assert earlier.read_bytes() == b"an earlier run's checkpoint"  # nothing already written is touched
+
+
+def test_the_debug_variable_gives_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEOWDREAD_DEBUG", "1")
+    with pytest.raises(ValueError, match="missing.jsonl: data.corpus: file not found"):
+        main(cli("fit", tmp_path, "--data.corpus", str(tmp_path / "missing.jsonl")))
+
+
+def test_help_still_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0 and "--data.corpus" in capsys.readouterr().out
