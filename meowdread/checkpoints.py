@@ -92,6 +92,19 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location=map_location)
 
 
+def lora_misfits(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's LoRA weights fail to fit a model's: missing, unexpected, of another shape."""
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    resized = [k for k in sorted(set(own) & set(saved)) if own[k].shape != saved[k].shape]
+    problems = [f"{len(missing)} LoRA weights missing ({missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected ({unexpected[0]})"] if unexpected else []
+    if resized:
+        k = resized[0]
+        shapes = f"{tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+        problems.append(f"{len(resized)} of another shape ({k}: {shapes})")
+    return problems
+
+
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:
     """Where ``last.ckpt`` goes: the checkpoint callback's directory, else ``<run dir>/checkpoints``."""
     callback = trainer.checkpoint_callback
@@ -116,41 +129,50 @@ class SaveOnInterrupt(pl.Callback):
 
     The save waits for a step boundary so that the checkpoint is a state the run really passed through (never
     half an optimizer update or half an accumulation window), which is what makes resuming from it exact.
+    Under DDP the ranks agree on the step to stop at, so they all save and stop together.
     """
 
     def __init__(self):
-        self._trainer: pl.Trainer | None = None
-        self._requested_at: int | None = None
+        self._requested = False
+        self._step_at_batch_start = 0
         self._previous_handler: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._trainer, self._requested_at = trainer, None
+            self._requested = False
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._requested_at is not None:  # the second Ctrl-C: quit now
+        if self._requested:  # the second Ctrl-C: quit now
             self._restore_handler()
             raise KeyboardInterrupt
-        self._requested_at = self._trainer.global_step
+        self._requested = True
         print(
             "\nmeowdread: Ctrl-C: saving a checkpoint after the current step (Ctrl-C again to quit without saving)",
             file=sys.stderr,
             flush=True,
         )
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._requested_at is None or trainer.global_step == self._requested_at:
+        if trainer.global_step == self._step_at_batch_start:  # inside an accumulation window: not yet
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank asked
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full state: a checkpoint to resume from
-        print(
-            f"meowdread: interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
-            file=sys.stderr,
-            flush=True,
-        )
+        if trainer.is_global_zero:
+            print(
+                f"meowdread: interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+                file=sys.stderr,
+                flush=True,
+            )
         raise KeyboardInterrupt  # Lightning tears down and exits with code 1
 
     def _restore_handler(self) -> None:

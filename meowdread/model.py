@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
-from meowdread.checkpoints import rng_states, saved_checkpoints, set_rng_states
+from meowdread.checkpoints import lora_misfits, rng_states, saved_checkpoints, set_rng_states
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
@@ -342,16 +342,8 @@ class QLoraModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint whose LoRA weights do not fit this model, naming the first misfit."""
-        state = checkpoint.get("state_dict", {})
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        resized = [k for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-        problems = [f"{len(missing)} LoRA weights missing ({missing[0]})"] if missing else []
-        problems += [f"{len(unexpected)} unexpected ({unexpected[0]})"] if unexpected else []
-        if resized:
-            k = resized[0]
-            shapes = f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
-            problems.append(f"{len(resized)} of another shape ({k}: {shapes})")
+        problems = lora_misfits(own, checkpoint.get("state_dict", {}))
         if problems:
             where = f"{self._trainer.ckpt_path}: ckpt_path: " if self._trainer is not None else ""
             trained_on = checkpoint.get("hyper_parameters", {}).get("pretrained", "another model")

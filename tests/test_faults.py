@@ -33,7 +33,7 @@ def bare_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def small_run(tmp_path_factory):
     """configs/tiny.yaml saving every 2 steps, and a 48-conversation corpus: 2 epochs of 6 steps."""
     root = tmp_path_factory.mktemp("faults")
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
@@ -45,11 +45,11 @@ def setup(tmp_path_factory):
     return root
 
 
-def fit_args(setup, save_dir, *extra: str) -> list[str]:
+def fit_args(small_run, save_dir, *extra: str) -> list[str]:
     return [
         "fit",
         "--config",
-        str(setup / "config.yaml"),
+        str(small_run / "config.yaml"),
         "--trainer.logger.init_args.save_dir",
         str(save_dir),
         "--trainer.enable_progress_bar",
@@ -57,7 +57,7 @@ def fit_args(setup, save_dir, *extra: str) -> list[str]:
         "--trainer.max_epochs",
         "2",
         "--data.corpus",
-        str(setup / "corpus.jsonl"),
+        str(small_run / "corpus.jsonl"),
         "--data.prompts",
         str(PROMPTS),
         "--model.lora.dropout",
@@ -73,33 +73,33 @@ def adapter(save_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(setup):
-    main(fit_args(setup, setup / "uninterrupted"))
-    return adapter(setup / "uninterrupted")
+def uninterrupted(small_run):
+    main(fit_args(small_run, small_run / "uninterrupted"))
+    return adapter(small_run / "uninterrupted")
 
 
-def start_fit_and_wait_for_a_checkpoint(setup, save_dir):
+def start_fit_and_wait_for_a_checkpoint(small_run, save_dir):
     """A real ``meowdread fit`` in a subprocess, returned once its first ``last.ckpt`` is on disk."""
-    stderr = open(save_dir.parent / f"{save_dir.name}.stderr", "w+")  # a file: a full pipe would block it
-    process = subprocess.Popen(
-        [sys.executable, "-c", RUN_CLI, *fit_args(setup, save_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr
-    )
+    log = save_dir.parent / f"{save_dir.name}.stderr"
+    with open(log, "w") as stderr:  # a file: a full pipe would block the child
+        command = [sys.executable, "-c", RUN_CLI, *fit_args(small_run, save_dir)]
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     last = save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists():  # written by rename, so it is complete once it exists
-        assert process.poll() is None, open(stderr.name).read()[-3000:]
+        assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.02)
-    return process, last, stderr
+    return process, last, log
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_a_killed_or_interrupted_fit_resumes_to_the_same_adapter(setup, uninterrupted, how, capsys):
-    save_dir = setup / how
-    process, last, stderr = start_fit_and_wait_for_a_checkpoint(setup, save_dir)
+def test_a_killed_or_interrupted_fit_resumes_to_the_same_adapter(small_run, uninterrupted, how, capsys):
+    save_dir = small_run / how
+    process, last, log = start_fit_and_wait_for_a_checkpoint(small_run, save_dir)
     process.send_signal(getattr(signal, how))
     code = process.wait(timeout=300)
-    log = open(stderr.name).read()
+    log = log.read_text()
     saved = torch.load(last, weights_only=True)
     step = saved["global_step"]
     assert 0 < step % BATCHES_PER_EPOCH, f"not a mid-epoch checkpoint (step {step})"  # the case to test
@@ -111,7 +111,7 @@ def test_a_killed_or_interrupted_fit_resumes_to_the_same_adapter(setup, uninterr
         assert step > SAVE_EVERY  # saved at the interrupt, not the periodic checkpoint we waited for
     assert not (last.parent.parent / "adapter").exists()  # the run did not finish
 
-    main(fit_args(setup, save_dir, "--ckpt_path", "last"))
+    main(fit_args(small_run, save_dir, "--ckpt_path", "last"))
     assert f"--ckpt_path last: {last}" in capsys.readouterr().err
     resumed = adapter(save_dir)
     assert resumed.keys() == uninterrupted.keys()
@@ -121,8 +121,8 @@ def test_a_killed_or_interrupted_fit_resumes_to_the_same_adapter(setup, uninterr
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, monkeypatch, capsys):
-    save_dir = setup / "nan"
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_run, monkeypatch, capsys):
+    save_dir = small_run / "nan"
     last = save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     seen = {}
     compute_loss = QLoraModule.compute_loss
@@ -136,7 +136,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, monk
 
     monkeypatch.setattr(QLoraModule, "compute_loss", diverging)
     with pytest.raises(SystemExit) as exit_:
-        main(fit_args(setup, save_dir))
+        main(fit_args(small_run, save_dir))
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert (
