@@ -170,7 +170,7 @@ def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[
         return ConfigError(key, problem, _source(key, args))
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if not keys:
-        return ConfigError("arguments", " ".join(message.split()))
+        return ConfigError("command line", " ".join(message.split()))
     key = keys[0] + "".join(f".init_args.{inner}" for inner in keys[1:])
     return ConfigError(key, _describe_value_error(message.split(f'Parser key "{keys[-1]}"')[-1]), _source(key, args))
 
@@ -202,9 +202,14 @@ def _config_files(args: list[str]) -> list[str]:
     return files
 
 
+def _plain(key: str) -> str:
+    return key.replace(".init_args.", ".")  # `--model.optimizer.lr` is short for `--model.optimizer.init_args.lr`
+
+
 def _source(key: str, args: list[str]) -> str | None:
     """The config file that sets ``key`` last, or None if the command line does (or nothing can tell)."""
-    if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in args):
+    given = {_plain(arg[2:].split("=")[0].rstrip("+")) for arg in args if arg.startswith("--")}
+    if _plain(key) in given:
         return None
     for config in reversed(_config_files(args)):
         try:

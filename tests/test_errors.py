@@ -141,6 +141,11 @@ def _(tmp_path):
     return cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml"))
 
 
+@case("a class path that does not exist")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.optimizer", "torch.optim.AdamX")
+
+
 @case("a config file that is not YAML")
 def _(tmp_path):
     (tmp_path / "mine.yaml").write_text("trainer:\n  max_epochs: [1\n", encoding="utf-8")
