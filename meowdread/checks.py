@@ -48,8 +48,9 @@ def check_config(subcommand: str, config: Any) -> None:
     samples = any(str(getattr(c, "class_path", "")).endswith("SampleCallback") for c in callbacks)
     if subcommand == "predict" or (subcommand == "fit" and samples):
         read_prompts(config.data.prompts)
-    if config.get("ckpt_path"):
-        check_checkpoint(config.ckpt_path, config.model)
+    ckpt_path = str(config.get("ckpt_path") or "")
+    if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
+        check_checkpoint(ckpt_path, config.model)
 
 
 def _class_path(value: Any) -> str:
@@ -131,7 +132,9 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
     meowdread keeps the configuration as the truth and refuses a checkpoint of another adapter shape.
     """
     hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters", {})
-    saved, configured = hparams.get("lora", {}), model.lora
+    # Started from a saved adapter, the adapter's own shape counts, not model.lora: the load checks that one.
+    saved = hparams.get("lora", {}) if not (hparams.get("adapter") or model.get("adapter")) else {}
+    configured = model.lora
     for key in ("r", "alpha", "target_modules"):
         before, now = saved.get(key), configured.get(key)
         same = sorted(before) == sorted(now) if key == "target_modules" and before else before == now
