@@ -187,3 +187,19 @@ def test_show_examples_prints_the_trained_spans(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "<|assistant|>\n⟦" in out and "<|end|>⟧" in out
     assert not (tmp_path / "adapter").exists() and not Path("adapter").exists()  # smoke runs export nothing
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("chat", ["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such checkpoint file"),
+        ("chat", ["--ckpt_path", "last"], "--ckpt_path last: no */checkpoints/last.ckpt under"),
+        ("chat", ["--ckpt_path", str(CORPUS)], "cat_corpus.jsonl: not a readable checkpoint"),
+    ],
+)
+def test_bad_input_to_chat_is_one_readable_line(tool, args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(tool, tmp_path, *args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
