@@ -1,10 +1,11 @@
 """The ``meowdread`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus ``chat``
-(:mod:`meowdread.chat`), which reads the same configs.
+and ``export`` (:mod:`meowdread.chat`, :mod:`meowdread.export`), which read the same configs.
 
     meowdread fit --config configs/tiny.yaml
     meowdread predict --config configs/tiny.yaml --ckpt_path last
     meowdread fit --config configs/tiny.yaml --print_config
     meowdread chat --config configs/tiny.yaml --ckpt_path last
+    meowdread export --config configs/tiny.yaml --ckpt_path last --output exported/tiny
 
 ``--ckpt_path last`` means the ``last.ckpt`` of the newest run under the logger's directory; ``fit`` then
 resumes that run in its own directory, so its TensorBoard curves continue.
@@ -23,13 +24,13 @@ from types import ModuleType
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
-from meowdread import chat
+from meowdread import chat, export
 from meowdread.data import CatCorpusDataModule, CorpusError
 from meowdread.model import QLoraModule
 
 log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
 
-TOOLS = {"chat": chat}
+TOOLS = {"chat": chat, "export": export}
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
@@ -66,7 +67,7 @@ class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
 
 
 class ToolCLI(MeowCLI):
-    """``meowdread chat``: the configs and overrides of ``fit``/``predict``, plus
+    """``meowdread chat`` and ``meowdread export``: the configs and overrides of ``fit``/``predict``, plus
     ``--ckpt_path`` and the tool's own options. No Trainer method runs; the tool gets the module from
     :meth:`load_module`, built as ``fit`` builds it."""
 
@@ -149,12 +150,12 @@ def main(args: list[str] | None = None) -> None:
                 CatCorpusDataModule,
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={
-                    "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat`, with the same configs "
-                    "(add --help to it)."
+                    "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
+                    "`meowdread export`, with the same configs (add --help to either)."
                 },
                 args=args,
             )
-    except (CorpusError, FileNotFoundError, ValueError) as err:
+    except (CorpusError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError) as err:
         if os.environ.get("MEOWDREAD_DEBUG"):
             raise
         print(f"meowdread: error: {err}\n(set MEOWDREAD_DEBUG=1 for the traceback)", file=sys.stderr)
