@@ -1,8 +1,11 @@
-"""The ``meowdread`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""The ``meowdread`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus ``chat``
+and ``export`` (:mod:`meowdread.chat`, :mod:`meowdread.export`), which read the same configs.
 
     meowdread fit --config configs/tiny.yaml
     meowdread predict --config configs/tiny.yaml --ckpt_path last
     meowdread fit --config configs/tiny.yaml --print_config
+    meowdread chat --config configs/tiny.yaml --ckpt_path last
+    meowdread export --config configs/tiny.yaml --ckpt_path last --output exported/tiny
 
 ``--ckpt_path last`` means the ``last.ckpt`` of the newest run under the logger's directory; ``fit`` then
 resumes that run in its own directory, so its TensorBoard curves continue.
@@ -13,12 +16,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+from types import ModuleType
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from meowdread import chat, export
 from meowdread.data import CatCorpusDataModule, CorpusError
 from meowdread.model import QLoraModule
+
+log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
+
+TOOLS = {"chat": chat, "export": export}
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
@@ -33,8 +45,8 @@ class MeowCLI(LightningCLI):
         parser.link_arguments("model.pretrained", "data.pretrained")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config.get("ckpt_path") != "last":
             return
         logger = config.trainer.get("logger")
         init = logger.get("init_args") if hasattr(logger, "get") else None
@@ -48,6 +60,60 @@ class MeowCLI(LightningCLI):
         if self.subcommand == "fit":  # resume in the same run directory
             init.version = last.parent.parent.name
         print(f"--ckpt_path last: {last}", file=sys.stderr)
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the line breaks of the tool's docstring in ``--help``."""
+
+
+class ToolCLI(MeowCLI):
+    """``meowdread chat`` and ``meowdread export``: the configs and overrides of ``fit``/``predict``, plus
+    ``--ckpt_path`` and the tool's own options. No Trainer method runs; the tool gets the module from
+    :meth:`load_module`, built as ``fit`` builds it."""
+
+    def __init__(self, name: str, args: list[str]):
+        self.tool: ModuleType = TOOLS[name]
+        with warnings.catch_warnings():
+            # LightningCLI warns when given args while sys.argv has some: here args are sys.argv minus the tool.
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+            super().__init__(
+                QLoraModule,
+                CatCorpusDataModule,
+                save_config_callback=None,
+                run=False,
+                args=args,
+                parser_kwargs={
+                    "prog": f"meowdread {name}",
+                    "description": self.tool.__doc__,
+                    "formatter_class": _HelpFormatter,
+                },
+            )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="a checkpoint of fit, whose LoRA weights are loaded; 'last' is the newest run's last.ckpt",
+        )
+        self.tool.add_arguments(parser)
+
+    def load_module(self) -> QLoraModule:
+        """The 4-bit base + LoRA on the trainer's device, with the weights of --ckpt_path or --model.adapter."""
+        module, ckpt_path = self.model, self.config.ckpt_path
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        module.trainer = self.trainer  # so that configure_model loads onto the trainer's device
+        # The contexts Lightning's own call of configure_model uses (e.g. the default dtype of bf16-true).
+        with self.trainer.strategy.tensor_init_context(), self.trainer.precision_plugin.module_init_context():
+            module.configure_model()
+        if ckpt_path:
+            module.load_lora_weights(ckpt_path)
+            log.info("LoRA weights from %s", ckpt_path)
+        elif not module.hparams.adapter:
+            log.warning("no --ckpt_path or --model.adapter: a fresh LoRA changes nothing, this is the base model")
+        return module.eval()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,14 +139,23 @@ def main(args: list[str] | None = None) -> None:
     # bitsandbytes suggests a faster CPU kernel from the `kernels` package, which downloads it from the hub:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if args is None else args
     try:
-        MeowCLI(
-            QLoraModule,
-            CatCorpusDataModule,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except (CorpusError, FileNotFoundError, ValueError) as err:
+        if argv and argv[0] in TOOLS:
+            cli = ToolCLI(argv[0], argv[1:])
+            cli.tool.run(cli)
+        else:
+            MeowCLI(
+                QLoraModule,
+                CatCorpusDataModule,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={
+                    "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
+                    "`meowdread export`, with the same configs (add --help to either)."
+                },
+                args=args,
+            )
+    except (CorpusError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError) as err:
         if os.environ.get("MEOWDREAD_DEBUG"):
             raise
         print(f"meowdread: error: {err}\n(set MEOWDREAD_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -51,11 +51,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str] | list[list[Message]], settings: SamplingSettings) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str] | list[list[Message]], settings: SamplingSettings, streamer=None
+) -> list[str]:
     """Answer each prompt (a user message, or a whole conversation) with the model in eval mode.
 
     Prompts are rendered with the chat template plus the assistant header and left-padded so that every
-    row's answer starts at the same column (PITFALLS 4). The model's training mode is restored.
+    row's answer starts at the same column (PITFALLS 4). The model's training mode is restored. A
+    ``streamer`` (a ``transformers`` streamer, one prompt only) receives the tokens as they are generated.
     """
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
@@ -87,6 +90,7 @@ def generate(model, tokenizer, prompts: list[str] | list[list[Message]], setting
                 eos_token_id=stop_token_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                streamer=streamer,
                 **sampling,
             )
     finally:

@@ -348,6 +348,19 @@ class QLoraModule(pl.LightningModule):
                 "model.pretrained or model.lora?"
             )
 
+    def load_lora_weights(self, ckpt_path: str | Path) -> None:
+        """Load the LoRA weights of a ``fit`` checkpoint into the configured model, outside a Trainer run
+        (``chat``, ``export``); checked as on resume."""
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load fails in many ways (KeyError, RuntimeError, ...) on a bad file
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}: {reason})") from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=False)  # the base is not in it, by design
+
     def on_train_end(self) -> None:
         # fast_dev_run is a smoke test with no run directory: nothing to export.
         if self.trainer.is_global_zero and not self.trainer.fast_dev_run:

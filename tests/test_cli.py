@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from meowdread.cli import main
@@ -187,3 +188,63 @@ def test_show_examples_prints_the_trained_spans(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "<|assistant|>\n⟦" in out and "<|end|>⟧" in out
     assert not (tmp_path / "adapter").exists() and not Path("adapter").exists()  # smoke runs export nothing
+
+
+def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads(run, tmp_path, capsys, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from meowdread.data import collate, encode_conversation, read_conversations
+    from meowdread.embedded import resolve_pretrained
+    from meowdread.model import QuantizationSettings
+
+    root, out = run[0].parent.parent, tmp_path / "exported"
+    cli("export", root, "--ckpt_path", "last", "--output", str(out))
+    summary = capsys.readouterr().out
+    assert f"version_0/checkpoints/last.ckpt merged into embedded:tiny-phi3 (bfloat16) to {out}" in summary
+
+    # The fit's own adapter (the same weights as last.ckpt) on the 4-bit base, through stock peft.
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_pretrained("embedded:tiny-phi3"),
+        quantization_config=QuantizationSettings().to_transformers(),
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},
+    )
+    adapted = PeftModel.from_pretrained(base, run[0] / "adapter").eval()
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    batch = collate([encode_conversation(tokenizer, c) for c in read_conversations(CORPUS)[:4]], tokenizer.pad_token_id)
+    keep = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        reference = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()
+        with adapted.disable_adapter():
+            plain = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()
+        ours = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()
+    assert (plain - reference).norm() > 0.5 * reference.norm()  # the checkpoint's LoRA matters (a fresh one is 0)
+    assert (ours - reference).norm() < 2e-2 * reference.norm()  # bf16 tolerance: see tests/test_export.py
+
+    with pytest.raises(SystemExit) as exit_:
+        cli("export", root, "--ckpt_path", "last", "--output", str(out))
+    assert exit_.value.code == 2 and "not empty; add --overwrite" in capsys.readouterr().err
+    before = (out / "model.safetensors").stat().st_ino
+    cli("export", root, "--ckpt_path", "last", "--output", str(out), "--overwrite")
+    assert (out / "model.safetensors").stat().st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no staging or old directory left
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("chat", ["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such checkpoint file"),
+        ("chat", ["--ckpt_path", "last"], "--ckpt_path last: no */checkpoints/last.ckpt under"),
+        ("chat", ["--ckpt_path", str(CORPUS)], "cat_corpus.jsonl: not a readable checkpoint"),
+        ("export", ["--output", "{tmp}/out"], "export: nothing to merge: give --ckpt_path"),
+        ("export", ["--model.adapter", "x", "--output", str(REPO)], "exists and is not empty; add --overwrite"),
+    ],
+)
+def test_bad_input_to_chat_and_export_is_one_readable_line(tool, args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(tool, tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
