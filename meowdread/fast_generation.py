@@ -203,6 +203,8 @@ def static_generate(
         use_cuda_graph = device.type == "cuda"
     window = getattr(engine.config, "sliding_window", None) or max_len
     logits, positions, valid = prefill(engine, input_ids, attention_mask)
+    if streamer is not None:  # as HF generate does: the prompt first (streamers skip it), then each token
+        streamer.put(input_ids.cpu())
 
     stop = torch.tensor(stop_ids, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)

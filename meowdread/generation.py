@@ -81,6 +81,7 @@ def generate(
                     pad_id=tokenizer.pad_token_id,
                     temperature=settings.temperature if settings.do_sample else 0.0,
                     top_p=settings.top_p,
+                    streamer=streamer,
                 )
                 return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in answers]
             out = model.generate(

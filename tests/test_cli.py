@@ -63,7 +63,8 @@ def test_the_gpu_recipe_is_sprint_1s():
     }
     assert (model["lora"]["r"], model["lora"]["alpha"], model["lora"]["dropout"]) == (16, 32, 0.05)
     assert model["lora"]["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    assert model["optimizer"] == {"class_path": "bitsandbytes.optim.PagedAdamW32bit", "init_args": {"lr": 0.0002}}
+    # Sprint 1's PagedAdamW32bit is the same 32-bit AdamW; paging its state only cost time (benchmarks/).
+    assert model["optimizer"] == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0002}}
     assert model["scheduler"]["init_args"]["warmup_ratio"] == 0.03
     assert (trainer["max_epochs"], trainer["gradient_clip_val"], trainer["precision"]) == (3, 0.3, "bf16-mixed")
 

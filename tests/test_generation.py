@@ -127,3 +127,16 @@ def test_seeded_sampling_is_reproducible_on_both_engines(tokenizer, engine):
     settings = SamplingSettings(max_new_tokens=16, engine=engine)
     first = generate(module.model, tokenizer, PROMPTS, settings)
     assert generate(module.model, tokenizer, PROMPTS, settings) == first
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_both_engines_stream_exactly_the_answer_they_return(tokenizer, engine):
+    import io
+
+    from meowdread.chat import StreamWriter
+
+    module = trained_looking(fp32_module())
+    out = io.StringIO()
+    settings = SamplingSettings(max_new_tokens=20, do_sample=False, engine=engine)
+    answer = generate(module.model, tokenizer, PROMPTS[1:2], settings, streamer=StreamWriter(tokenizer, out))[0]
+    assert answer and out.getvalue() == answer
