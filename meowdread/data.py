@@ -251,6 +251,11 @@ class CatCorpusDataModule(pl.LightningDataModule):
         self.val_set: list[dict] = []
         self._prompts: list[str] | None = None
 
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per machine before the others set up: under DDP, an embedded
+        # model is built once (phi3-mini-random is 7.6 GB), not by every rank at the same time.
+        resolve_pretrained(self.hparams.pretrained)
+
     @property
     def prompts(self) -> list[str]:
         if self._prompts is None:

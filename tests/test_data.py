@@ -194,3 +194,13 @@ def test_the_train_val_split_is_fixed_by_the_seed(embedded_cache):
     (same, n), (again, _), (other, _) = val_ids(1), val_ids(1), val_ids(2)
     assert same == again and same != other
     assert len(same) == 33 and n == 330  # 10% held out; nothing dropped at the default max_length=1024
+
+
+def test_prepare_data_builds_the_embedded_model(tmp_path, monkeypatch):
+    """Lightning calls prepare_data on one process per machine first, so DDP ranks do not all build it."""
+    from meowdread.data import CatCorpusDataModule
+    from meowdread.embedded import cache_root
+
+    monkeypatch.setenv("MEOWDREAD_CACHE", str(tmp_path))
+    CatCorpusDataModule(pretrained="embedded:tiny-phi3").prepare_data()
+    assert [p.name.split("-")[:2] for p in cache_root().iterdir()] == [["tiny", "phi3"]]
