@@ -19,12 +19,12 @@ from .conftest import CORPUS, PROMPTS, REPO
 
 DDP_YAML = yaml.safe_load((REPO / "configs" / "ddp.yaml").read_text())
 
-# One optimizer step of two micro-batches per rank. fp32 and plain SGD without clipping make the update the
-# gradient itself, so a wrong normalisation across ranks shows as a wrong scale (Adam's first step would hide
-# it: it is about lr * sign(gradient)).
-ONE_STEP = [
+# Two optimizer steps of two micro-batches per rank (the second one after DDP's gradient buckets were zeroed).
+# fp32 and plain SGD without clipping make each update the gradient itself, so a wrong normalisation across
+# ranks shows as a wrong scale (Adam's first step would hide it: it is about lr * sign(gradient)).
+TWO_STEPS = [
     "--trainer.max_epochs", "1",
-    "--trainer.limit_train_batches", "2",
+    "--trainer.limit_train_batches", "4",
     "--trainer.accumulate_grad_batches", "2",
     "--trainer.limit_val_batches", "1",
     "--trainer.num_sanity_val_steps", "0",
@@ -64,7 +64,7 @@ def fit(root, *extra: str) -> str:
     return meowdread(
         "fit",
         root,
-        *ONE_STEP,
+        *TWO_STEPS,
         "--trainer.callbacks+=tests.lora_probe.SaveLoraPerRank",
         "--trainer.callbacks.dirpath", str(root / "probe"),
         # counts from the first step, so that its all-rank token count is checked
@@ -85,7 +85,7 @@ def trained_tokens(stdout: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer):
-    """The same step twice: DDP over 2 ranks at batch 2 each, and one process at batch 4."""
+    """The same two steps twice: DDP over 2 ranks at batch 2 each, and one process at batch 4."""
     two, one = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
     out_two = fit(two, *ddp(2), "--data.batch_size", "2")
     out_one = fit(one, "--data.batch_size", "4")
@@ -108,7 +108,7 @@ def test_both_ranks_end_with_the_same_trained_adapter(runs):
                 torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"rank {rank} {when} {key}")
 
 
-def test_two_ranks_take_the_step_of_one_process_over_the_same_examples(runs):
+def test_two_ranks_take_the_steps_of_one_process_over_the_same_examples(runs):
     """Each rank gets its own half of the same length-grouped batches, and the loss is the token mean over all
     ranks: DDP's averaging and Lightning's accumulation are undone exactly (PITFALLS 8)."""
     two, one, out_two, out_one = runs
