@@ -33,6 +33,7 @@ TWO_STEPS = [
     "--trainer.gradient_clip_val", "null",
     "--model.optimizer", json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}}),
     "--model.sampling.max_new_tokens", "4",
+    "--model.gradient_checkpointing", "true",  # as in the GPU recipe: non-reentrant, under DDP
 ]  # fmt: skip
 
 
