@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -191,7 +192,7 @@ class LengthGroupedSampler(DistributedSampler):
         rng.shuffle(batches)
         batches.sort(key=lambda batch: len(batch) < step)  # stable: the short one goes last, the rest stay put
         indices = [i for batch in batches for i in batch]
-        indices += indices[: self.total_size - len(indices)]
+        indices = (indices * math.ceil(self.total_size / len(indices)))[: self.total_size]
         return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 

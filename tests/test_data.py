@@ -117,6 +117,9 @@ def test_length_grouped_sampler_gives_each_ddp_rank_its_share_of_the_same_batche
     # grouping by length survives and the run is the one-process run with its work split.
     for k in range(301 // 8):
         assert sorted(ranks[0][4 * k : 4 * k + 4] + ranks[1][4 * k : 4 * k + 4]) == sorted(single[8 * k : 8 * k + 8])
+    # fewer examples than ranks: every rank still gets one, or DDP would wait forever for the empty one
+    tiny = [LengthGroupedSampler([5], batch_size=1, num_replicas=3, rank=r) for r in range(3)]
+    assert [list(sampler) for sampler in tiny] == [[0], [0], [0]]
 
 
 def test_read_conversations_accepts_system_and_multi_turn(tmp_path):
