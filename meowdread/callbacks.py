@@ -83,13 +83,14 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:  # each rank answered its share of the prompts
+        if trainer.world_size > 1:  # each rank answered every world_size-th prompt: put them back in file order
+            indices = [i for batch in batch_indices[0] for i in batch]
             gathered: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+            torch.distributed.all_gather_object(gathered, list(zip(indices, rows, strict=True)))
+            rows = [row for _, row in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
+        out = Path(trainer.log_dir)  # a broadcast from rank zero: every rank must ask
         if not trainer.is_global_zero:
             return
-        out = Path(trainer.log_dir)
         out.mkdir(parents=True, exist_ok=True)
         sampling = asdict(pl_module.sampling)
         source = pl_module.hparams.adapter or trainer.ckpt_path or "(no adapter: fresh LoRA, i.e. the base model)"
@@ -118,7 +119,8 @@ class SpeedMonitor(pl.Callback):
     out. Peak memory is likewise that of training: the peak is set aside before validation (where the
     epoch-end samples are drawn) and reset after it. Logs ``perf/trained_tokens_per_s`` and
     ``perf/peak_mem_gb`` and prints a summary at the end of ``fit``. A trained token is one whose label is
-    not -100 (no padding, no prompt).
+    not -100 (no padding, no prompt). Under DDP, tokens are summed over all ranks and timed on rank zero;
+    peak memory is rank zero's.
     """
 
     def __init__(self, warmup_steps: int = 5):
@@ -156,7 +158,9 @@ class SpeedMonitor(pl.Callback):
             return
         self._sync(trainer)
         self.seconds += time.perf_counter() - self._start
-        self.tokens += int(self._tokens)
+        # Ranks train on different examples, so their token counts differ: count them all. Every rank gets here
+        # together (same hooks, same global step), so the collective cannot leave one waiting.
+        self.tokens += int(trainer.strategy.reduce(self._tokens, reduce_op="sum"))
         self._start = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -175,10 +179,10 @@ class SpeedMonitor(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        """Throughput over all ranks (assuming they are alike) and this rank's training peak memory, so far."""
+        """Throughput over all ranks and this rank's training peak memory, so far."""
         metrics = {}
         if self.seconds > 0:
-            metrics["perf/trained_tokens_per_s"] = self.tokens * trainer.world_size / self.seconds
+            metrics["perf/trained_tokens_per_s"] = self.tokens / self.seconds
         if trainer.strategy.root_device.type == "cuda":
             peak = max(self.peak_bytes, torch.cuda.max_memory_allocated(trainer.strategy.root_device))
             metrics["perf/peak_mem_gb"] = peak / 2**30
@@ -189,4 +193,4 @@ class SpeedMonitor(pl.Callback):
         metrics = self.metrics(trainer)
         if trainer.is_global_zero and metrics:
             summary = ", ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in metrics.items())
-            print(f"speed: {summary} over {self.tokens * trainer.world_size} trained tokens in {self.seconds:.1f} s")
+            print(f"speed: {summary} over {self.tokens} trained tokens in {self.seconds:.1f} s")

@@ -23,6 +23,7 @@ from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from meowdread import chat, export
 from meowdread.data import CatCorpusDataModule, CorpusError
@@ -130,6 +131,8 @@ class _StderrHandler(logging.StreamHandler):
 
 _log_handler = _StderrHandler()
 _log_handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
+# Under DDP every rank runs the same code on the same data: say each thing once, as Lightning does.
+_log_handler.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
 def main(args: list[str] | None = None) -> None:

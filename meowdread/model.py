@@ -319,10 +319,11 @@ class QLoraModule(pl.LightningModule):
 
     def _log_eval(self, stage: str) -> None:
         """Token-weighted mean loss over the whole epoch (all ranks), and its perplexity."""
-        loss = self.eval_loss.compute()
+        loss = self.eval_loss.compute()  # gathers every rank's sums: the same value on all of them
         self.eval_loss.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", torch.exp(loss))
+        # sync_dist only averages identical values here; it keeps Lightning from warning under DDP.
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
 
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
         answers = generate(self.model, self.tokenizer, batch["prompts"], self.sampling)
@@ -363,8 +364,12 @@ class QLoraModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         # fast_dev_run is a smoke test with no run directory: nothing to export.
-        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
-            path = self.export_adapter(Path(self.trainer.log_dir) / "adapter")
+        if self.trainer.fast_dev_run:
+            return
+        # trainer.log_dir broadcasts rank zero's directory: every rank must ask, or rank zero waits forever.
+        run_dir = Path(self.trainer.log_dir)
+        if self.trainer.is_global_zero:
+            path = self.export_adapter(run_dir / "adapter")
             log.info("adapter saved to %s", path)
 
     def export_adapter(self, directory: str | Path) -> Path:
