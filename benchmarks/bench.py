@@ -112,7 +112,9 @@ VARIANTS = {
     # configs/low_memory.yaml with --model.compile true
     "low_memory": dict(batch_size=16, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=True),
     # 2,048-token examples
-    "long-b4": dict(batch_size=4, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, long=True, compile=True),
+    "long-b4": dict(
+        batch_size=4, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, long=True, compile=True
+    ),
     "long-b4-no-compile": dict(batch_size=4, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, long=True),
 }
 
@@ -246,7 +248,9 @@ def run_trl(out: Path, workdir: Path, label: str, batch_size: int, steps: int, p
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, dtype=torch.bfloat16, device_map="cuda"
+    )
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     peft_config = LoraConfig(
@@ -357,29 +361,57 @@ def run_sampling(out: Path) -> None:
 
     for batch in (prompts, prompts[:1]):
         enc = encode(batch)
-        build_s, _ = timed(lambda enc=enc: fast_generation.MergedPhi3(model, len(batch), enc["input_ids"].shape[1] + new))
+        build_s, _ = timed(
+            lambda enc=enc: fast_generation.MergedPhi3(
+                model, enc["input_ids"].shape[0], enc["input_ids"].shape[1] + new
+            )
+        )
         static_s, tokens = timed(
             lambda enc=enc: fast_generation.static_generate(
-                model, enc["input_ids"], enc["attention_mask"], new, stop_ids=[], pad_id=tokenizer.pad_token_id,
-                temperature=0.7, top_p=0.9,
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                new,
+                stop_ids=[],
+                pad_id=tokenizer.pad_token_id,
+                temperature=0.7,
+                top_p=0.9,
             )
         )
         assert tokens.shape == (len(batch), new)
-        record(out, system="meowdread", case=f"sampling-static-b{len(batch)}", new_tokens=new,
-               seconds=round(static_s, 3), tokens_per_s=round(len(batch) * new / static_s, 1),
-               weights_and_cache_s=round(build_s, 3),
-               decode_tokens_per_s_per_stream=round(new / (static_s - build_s), 1), peak_mem_gb=peak_gb())
+        record(
+            out,
+            system="meowdread",
+            case=f"sampling-static-b{len(batch)}",
+            new_tokens=new,
+            seconds=round(static_s, 3),
+            tokens_per_s=round(len(batch) * new / static_s, 1),
+            weights_and_cache_s=round(build_s, 3),
+            decode_tokens_per_s_per_stream=round(new / (static_s - build_s), 1),
+            peak_mem_gb=peak_gb(),
+        )
         with torch.inference_mode():
             hf_s, _ = timed(
                 lambda enc=enc: model.generate(
-                    **enc, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=0.7, top_p=0.9,
+                    **enc,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=True,
+                    temperature=0.7,
+                    top_p=0.9,
                     pad_token_id=tokenizer.pad_token_id,
                 ),
                 repeats=1,
                 warm=lambda enc=enc: model.generate(**enc, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id),
             )
-        record(out, system="hf-generate-4bit", case=f"sampling-hf-b{len(batch)}", new_tokens=new,
-               seconds=round(hf_s, 3), tokens_per_s=round(len(batch) * new / hf_s, 1))
+        record(
+            out,
+            system="hf-generate-4bit",
+            case=f"sampling-hf-b{len(batch)}",
+            new_tokens=new,
+            seconds=round(hf_s, 3),
+            tokens_per_s=round(len(batch) * new / hf_s, 1),
+        )
     # Same function on the real shapes: the merged engine's prompt logits against the 4-bit + LoRA model's.
     enc = encode(prompts)
     with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -388,8 +420,10 @@ def run_sampling(out: Path) -> None:
     st, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
     error = ((st - hf).norm() / hf.norm()).item()
     agree = (st.argmax(-1) == hf.argmax(-1)).float().mean().item()
-    record(out, system="meowdread", case="sampling-logits-vs-4bit", relative_error=round(error, 5), argmax_agreement=agree)
-    del module, model, engine
+    record(
+        out, system="meowdread", case="sampling-logits-vs-4bit", relative_error=round(error, 5), argmax_agreement=agree
+    )
+    module = model = engine = None
     free()
     # The same in fp32 compute: what is left is the engine's own error, not bf16 rounding.
     module = QLoraModule(pretrained=MODEL, quantization=QuantizationSettings(compute_dtype="float32"))
@@ -403,9 +437,14 @@ def run_sampling(out: Path) -> None:
         engine = fast_generation.MergedPhi3(model, len(prompts), enc["input_ids"].shape[1] + 1)
         st, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
     error = ((st - hf).norm() / hf.norm()).item()
-    record(out, system="meowdread", case="sampling-logits-vs-4bit-fp32", relative_error=round(error, 7),
-           argmax_agreement=(st.argmax(-1) == hf.argmax(-1)).float().mean().item())
-    del module, model, engine
+    record(
+        out,
+        system="meowdread",
+        case="sampling-logits-vs-4bit-fp32",
+        relative_error=round(error, 7),
+        argmax_agreement=(st.argmax(-1) == hf.argmax(-1)).float().mean().item(),
+    )
+    module = model = engine = None
     free()
 
 
@@ -413,14 +452,18 @@ def run_sampling(out: Path) -> None:
 def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, day: str | None = None) -> None:
     limit = tflops * 1e12 / (4 * params)
     ref = next((r for r in ROWS if r.get("case") == "trl-reference"), None)
-    tuned = max((r for r in ROWS if r.get("system") == "trl" and r["case"] != "trl-reference" and not r.get("long")),
-                key=lambda r: r["trained_tokens_per_s"], default=None)
+    tuned = max(
+        (r for r in ROWS if r.get("system") == "trl" and r["case"] != "trl-reference" and not r.get("long")),
+        key=lambda r: r["trained_tokens_per_s"],
+        default=None,
+    )
     lines = [
         f"# Benchmark: {gpu or (torch.cuda.get_device_name() if CUDA else 'CPU smoke run')}, {day or date.today()}",
         "",
         f"bf16 matmul {tflops:.0f} TFLOP/s; {params / 1e9:.2f}B parameters; limit {limit:,.0f} trained tok/s.",
         "",
-        "| system | case | batch | grad ckpt | compile | trained tok/s | % of limit | × reference | × tuned TRL | peak GB |",
+        "| system | case | batch | grad ckpt | compile | trained tok/s | % of limit | × reference | × tuned TRL "
+        "| peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ROWS:
@@ -436,7 +479,8 @@ def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, d
         )
     lines += [
         "",
-        "| sampling, 250 new tokens | seconds | tokens/s, all streams | of which merging weights | decode tok/s a stream |",
+        "| sampling, 250 new tokens | seconds | tokens/s, all streams | of which merging weights "
+        "| decode tok/s a stream |",
         "|---|---|---|---|---|",
     ]
     for r in ROWS:
@@ -463,7 +507,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=35)
     parser.add_argument("--profile", nargs="*", default=[])
     parser.add_argument("--render", type=Path, help="only write bench.md (into --out) from this bench.jsonl")
-    parser.add_argument("--model", default="embedded:phi3-mini-random", help="embedded:tiny-phi3 for a quick check of this script on a CPU")
+    parser.add_argument(
+        "--model",
+        default="embedded:phi3-mini-random",
+        help="embedded:tiny-phi3 for a quick check of this script on a CPU",
+    )
     args = parser.parse_args()
     MODEL = args.model
     if args.render:
@@ -488,7 +536,14 @@ def main() -> None:
         except md.PackageNotFoundError:
             versions[name] = None
     tflops = matmul_tflops() if CUDA else 1.0
-    record(args.out, system="env", gpu=torch.cuda.get_device_name() if CUDA else "cpu", date=str(date.today()), matmul_tflops=round(tflops, 1), **versions)
+    record(
+        args.out,
+        system="env",
+        gpu=torch.cuda.get_device_name() if CUDA else "cpu",
+        date=str(date.today()),
+        matmul_tflops=round(tflops, 1),
+        **versions,
+    )
     start = time.perf_counter()
     path = resolve_pretrained(MODEL)
     from transformers import AutoConfig
@@ -514,15 +569,34 @@ def main() -> None:
         if everything or f"meowdread:{name}" in cases:
             attempt(name, run_meowdread, args.out, workdir, name, args.steps, profile=name in args.profile)
     if everything or "trl" in cases:
-        attempt("trl-reference", run_trl, args.out, workdir, "trl-reference", batch_size=2, steps=40, padding_free=False)
-        attempt("trl-tuned-b16", run_trl, args.out, workdir, "trl-tuned-b16", batch_size=16, steps=25, padding_free=False)
         attempt(
-            "trl-tuned-b16-padding-free", run_trl, args.out, workdir, "trl-tuned-b16-padding-free",
-            batch_size=16, steps=25, padding_free=True,
+            "trl-reference", run_trl, args.out, workdir, "trl-reference", batch_size=2, steps=40, padding_free=False
+        )
+        attempt(
+            "trl-tuned-b16", run_trl, args.out, workdir, "trl-tuned-b16", batch_size=16, steps=25, padding_free=False
+        )
+        attempt(
+            "trl-tuned-b16-padding-free",
+            run_trl,
+            args.out,
+            workdir,
+            "trl-tuned-b16-padding-free",
+            batch_size=16,
+            steps=25,
+            padding_free=True,
         )
     if everything or "trl-long" in cases:
-        attempt("trl-tuned-long-b4", run_trl, args.out, workdir, "trl-tuned-long-b4", batch_size=4, steps=15,
-                padding_free=False, long=True)
+        attempt(
+            "trl-tuned-long-b4",
+            run_trl,
+            args.out,
+            workdir,
+            "trl-tuned-long-b4",
+            batch_size=4,
+            steps=15,
+            padding_free=False,
+            long=True,
+        )
     write_table(args.out, tflops, params, gpu=torch.cuda.get_device_name() if CUDA else "cpu")
 
 

@@ -85,9 +85,7 @@ class MergedPhi3:
         self.max_len = max_len
 
     @torch.inference_mode()
-    def step(
-        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run ``ids`` [B, T] at rotary ``positions`` [B, T] into cache ``slots`` [T]; logits of the last one.
 
         ``mask`` [B, 1, T, max_len] is True where a query may attend to a cache slot.

@@ -1,8 +1,7 @@
 """The one sampler: left-padded batches, stop tokens, and no side effects on the training run."""
 
-import torch
-
 import pytest
+import torch
 
 from meowdread import fast_generation
 from meowdread.generation import SamplingSettings, generate, stop_token_ids
@@ -93,7 +92,9 @@ def test_the_static_engine_gives_hf_generates_greedy_tokens(tokenizer):
 def test_the_static_engine_keeps_phi3s_sliding_window(tokenizer):
     module = trained_looking(fp32_module())
     module.model.config.sliding_window = 5  # so that prompt and answer both outgrow it
-    assert generate(module.model, tokenizer, PROMPTS[1:2], STATIC) == generate(module.model, tokenizer, PROMPTS[1:2], HF)
+    assert generate(module.model, tokenizer, PROMPTS[1:2], STATIC) == generate(
+        module.model, tokenizer, PROMPTS[1:2], HF
+    )
 
 
 def test_merged_bf16_logits_match_the_4bit_model_within_bf16_rounding(tokenizer):
