@@ -145,6 +145,7 @@ def test_predict_writes_jsonl_and_markdown_for_every_prompt(run):
         "top_p": 0.9,
         "do_sample": True,
         "seed": 1234,
+        "engine": "auto",
     }
     markdown = (predict_dir / "predictions.md").read_text()
     assert all(f"## {p}" in markdown for p in prompts)
