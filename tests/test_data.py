@@ -182,3 +182,31 @@ def test_the_train_val_split_is_fixed_by_the_seed(embedded_cache):
     (same, n), (again, _), (other, _) = val_ids(1), val_ids(1), val_ids(2)
     assert same == again and same != other
     assert len(same) == 33 and n == 330  # 10% held out; nothing dropped at the default max_length=1024
+
+
+def test_train_replies_are_the_training_splits_in_fit_and_in_predict(tmp_path, embedded_cache):
+    """Memorization is checked against what fit trained on, also in predict, where setup reads no corpus."""
+    from meowdread.data import CatCorpusDataModule
+
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"reply {i}"},
+                    {"role": "user", "content": "and?"},
+                    {"role": "assistant", "content": f"second reply {i}"},
+                ]
+            }
+        )
+        for i in range(10)
+    ]
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    fit = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    fit.setup("fit")
+    predict = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    predict.setup("predict")
+    assert predict.train_replies == fit.train_replies
+    assert len(fit.train_replies) == 2 * 8  # every assistant turn of the 8 training conversations
+    val_replies = {fit.tokenizer.decode(e["input_ids"]) for e in fit.val_set}
+    assert not any(reply in text for reply in fit.train_replies for text in val_replies)
