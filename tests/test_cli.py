@@ -161,24 +161,36 @@ def test_fit_logs_every_sample_metric_for_the_base_model_and_each_epoch(run):
     assert all(v > 1 for v in ppl)
 
 
-def test_fit_writes_one_hparams_row_with_the_final_metrics(run):
-    from tensorboard.plugins.hparams import plugin_data_pb2
+def hparams_tab(logdir: Path) -> list:
+    """The rows of TensorBoard's HParams tab for ``logdir``, as TensorBoard's own backend lists them."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 
-    acc = events(run[0])
-    content = acc.PluginTagToContent("hparams")
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    params = {k: v.number_value or v.string_value for k, v in start.hparams.items()}
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tb = base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)
+    request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=100, allowed_statuses=[api_pb2.STATUS_SUCCESS])
+    handler = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request)
+    return list(handler.run().session_groups)
+
+
+def test_fit_writes_one_hparams_row_with_the_final_metrics(run):
+    rows = hparams_tab(run[0].parent)
+    assert [row.name for row in rows] == ["version_0"]  # the fit run; predict adds no row
+    params = {k: getattr(v, v.WhichOneof("kind")) for k, v in rows[0].hparams.items()}
     assert params["lora/r"] == 16 and params["optimizer/lr"] == 0.003 and params["batch_size"] == 8
     assert params["trainer/max_epochs"] == EPOCHS and params["pretrained"] == "embedded:tiny-phi3"
-    assert params["lexicon_versions/cat_lingo"] >= 1 and params["lexicon_versions/angst"] >= 1
-    tags = {m.name.tag for m in experiment.metric_infos}
-    assert tags == {"hp/val_loss", "hp/val_ppl", *(f"hp/{name}" for name in SAMPLE_METRICS)}
-    scalars = set(acc.Tags()["scalars"])
-    assert tags <= scalars  # the HParams tab reads each metric from a scalar of that tag
-    assert acc.Scalars("hp/val_loss")[-1].value == pytest.approx(acc.Scalars("val/loss")[-1].value)
+    assert params["lexicon_versions/cat_lingo"] == 1 and params["lexicon_versions/angst"] == 1
+    metrics = {m.name.tag: m.value for m in rows[0].metric_values}
+    assert set(metrics) == {"hp/val_loss", "hp/val_ppl", *(f"hp/{name}" for name in SAMPLE_METRICS)}
+    acc = events(run[0])
+    assert metrics["hp/val_loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)
     for name in SAMPLE_METRICS:
-        assert acc.Scalars(f"hp/{name}")[-1].value == pytest.approx(acc.Scalars(f"samples/{name}")[-1].value)
+        assert metrics[f"hp/{name}"] == pytest.approx(acc.Scalars(f"samples/{name}")[-1].value), name
 
 
 def test_predict_writes_jsonl_and_markdown_for_every_prompt(run):
@@ -224,12 +236,15 @@ def test_predict_scores_every_answer_and_summarises_them(run):
 def test_predict_with_compare_base_puts_the_base_models_answers_beside(run, tmp_path):
     """The base answers are those of the base model (a fresh LoRA adds nothing), though the checkpoint's
     hyperparameters, which LightningCLI applies over the command line, do not carry the flag."""
-    cli("predict", tmp_path, "--ckpt_path", str(run[0] / "checkpoints" / "last.ckpt"), "--model.compare_base", "true")
-    cli("predict", tmp_path)  # a fresh LoRA: the base model itself
+    prompts = tmp_path / "prompts.txt"  # the first batch of run[1]'s prompts, so its answers are the same
+    prompts.write_text("\n".join(PROMPTS.read_text().splitlines()[:8]) + "\n")
+    ckpt = str(run[0] / "checkpoints" / "last.ckpt")
+    cli("predict", tmp_path, "--data.prompts", str(prompts), "--ckpt_path", ckpt, "--model.compare_base", "true")
+    cli("predict", tmp_path, "--data.prompts", str(prompts))  # a fresh LoRA: the base model itself
     compared, base = (tmp_path / "lightning_logs" / v for v in ("version_0", "version_1"))
     rows = [json.loads(line) for line in (compared / "predictions.jsonl").read_text().splitlines()]
     alone = [json.loads(line)["answer"] for line in (base / "predictions.jsonl").read_text().splitlines()]
-    trained = [json.loads(line)["answer"] for line in (run[1] / "predictions.jsonl").read_text().splitlines()]
+    trained = [json.loads(line)["answer"] for line in (run[1] / "predictions.jsonl").read_text().splitlines()][:8]
     assert [r["base"]["answer"] for r in rows] == alone
     assert [r["answer"] for r in rows] == trained  # answering with the base too changes nothing else
     assert alone != trained
