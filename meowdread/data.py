@@ -32,7 +32,7 @@ Message = dict[str, str]
 
 
 class CorpusError(ValueError):
-    """Bad input in a corpus or prompts file; the message names the file, the line and the field."""
+    """Bad input in a corpus, prompts or lexicon file; the message names the file, the line and the field."""
 
     def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
         where = f"{path}:{line}" if line else str(path)
@@ -210,6 +210,10 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _assistant_replies(split) -> list[str]:
+    return [m["content"] for row in split for m in row["messages"] if m["role"] == "assistant"]
+
+
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
     return {"prompts": prompts}
 
@@ -228,6 +232,8 @@ class CatCorpusDataModule(pl.LightningDataModule):
         seed: fixes the split and the shuffling.
         num_workers: DataLoader workers.
         show_examples: print this many training examples with their trained tokens marked at setup.
+        lexicons: the lexicons the sample metrics count markers of, one metric pair per file (named after it);
+            see ``data/lexicons/README.md``.
     """
 
     def __init__(
@@ -242,6 +248,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         show_examples: int = 0,
+        lexicons: tuple[str, ...] = ("data/lexicons/cat_lingo.json", "data/lexicons/angst.json"),
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -251,6 +258,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self._prompts: list[str] | None = None
+        self._train_replies: list[str] | None = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per machine before the others set up: under DDP, an embedded
@@ -263,11 +271,17 @@ class CatCorpusDataModule(pl.LightningDataModule):
             self._prompts = read_prompts(self.hparams.prompts)
         return self._prompts
 
-    def setup(self, stage: str) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.pretrained)
-        if stage == "predict" or self.train_set:
-            return
+    @property
+    def train_replies(self) -> list[str]:
+        """The assistant replies of the training split, which the memorization metric checks answers against.
+
+        Read from the corpus (split as ``fit`` splits it) when ``setup`` has not done so, as in ``predict``.
+        """
+        if self._train_replies is None:
+            self._train_replies = _assistant_replies(self._split()["train"])
+        return self._train_replies
+
+    def _split(self):
         from datasets import Dataset
 
         conversations = read_conversations(self.hparams.corpus)
@@ -275,7 +289,15 @@ class CatCorpusDataModule(pl.LightningDataModule):
         n_val = max(1, round(len(dataset) * self.hparams.val_fraction))
         if n_val >= len(dataset):
             raise CorpusError(self.hparams.corpus, None, None, f"{len(dataset)} conversations are too few to split")
-        split = dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+        return dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.pretrained)
+        if stage == "predict" or self.train_set:
+            return
+        split = self._split()
+        self._train_replies = _assistant_replies(split["train"])
         self.train_set = self._encode(split["train"], "train")
         self.val_set = self._encode(split["test"], "val")
         for example in self.train_set[: self.hparams.show_examples]:

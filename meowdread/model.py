@@ -125,6 +125,8 @@ class QLoraModule(pl.LightningModule):
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.
+        compare_base: ``predict`` also answers every prompt with the adapter disabled (the base model), and
+            the report puts both side by side.
     """
 
     def __init__(
@@ -141,9 +143,12 @@ class QLoraModule(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Callable[[Optimizer, int], LRScheduler] = WarmupSchedule,
         sampling: SamplingSettings = SamplingSettings(),
+        compare_base: bool = False,
     ):
         super().__init__()
         self.quantization, self.lora, self.sampling = quantization, lora, sampling
+        # Not a hyperparameter: LightningCLI would restore it from the checkpoint over the command line's.
+        self.compare_base = compare_base
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # Plain values only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -326,8 +331,16 @@ class QLoraModule(pl.LightningModule):
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
 
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
-        answers = generate(self.model, self.tokenizer, batch["prompts"], self.sampling)
-        return [{"prompt": p, "answer": a} for p, a in zip(batch["prompts"], answers, strict=True)]
+        """``[{prompt, answer}]``, and ``base_answer`` (the adapter disabled) with ``compare_base``."""
+        prompts = batch["prompts"]
+        answers = generate(self.model, self.tokenizer, prompts, self.sampling)
+        rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+        if self.compare_base:
+            with self.model.disable_adapter():
+                base = generate(self.model, self.tokenizer, prompts, self.sampling)
+            for row, answer in zip(rows, base, strict=True):
+                row["base_answer"] = answer
+        return rows
 
     # ----------------------------------------------------------------- checkpoints and export
     def trainable_state_keys(self) -> set[str]:

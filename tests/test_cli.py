@@ -1,6 +1,7 @@
 """The ``meowdread`` command end to end on the embedded tiny Phi-3 (offline, CPU, real 4-bit layers)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from .conftest import CORPUS, PROMPTS, REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 EPOCHS = 3
+LEXICONS = [REPO / "data" / "lexicons" / name for name in ("cat_lingo.json", "angst.json")]
+SAMPLE_METRICS = [
+    "cat_lingo_share",
+    "cat_lingo_per_100_words",
+    "angst_share",
+    "angst_per_100_words",
+    "coherence_ppl",
+    "distinct_1",
+    "distinct_2",
+    "memorized_share",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,6 +95,8 @@ def cli(subcommand: str, root: Path, *extra: str) -> None:
             str(CORPUS),
             "--data.prompts",
             str(PROMPTS),
+            "--data.lexicons",
+            json.dumps([str(p) for p in LEXICONS]),
             *extra,
         ]
     )
@@ -133,6 +147,54 @@ def test_training_loss_falls_on_the_tiny_corpus(run):
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.3, train
 
 
+def test_fit_logs_every_sample_metric_for_the_base_model_and_each_epoch(run):
+    acc = events(run[0])
+    texts = acc.Tensors("samples/text_summary")
+    assert texts[0].step == 0 and "base model (adapter disabled)" in texts[0].tensor_proto.string_val[0].decode()
+    steps = [t.step for t in texts]
+    assert len(steps) == EPOCHS + 1 and steps == sorted(set(steps))
+    for name in SAMPLE_METRICS:
+        values = acc.Scalars(f"samples/{name}")
+        assert [v.step for v in values] == steps, name  # the base row at step 0, then every epoch
+        assert all(math.isfinite(v.value) for v in values), name
+    share = [v.value for v in acc.Scalars("samples/cat_lingo_share")]
+    assert all(0 <= v <= 1 for v in share)
+    ppl = [v.value for v in acc.Scalars("samples/coherence_ppl")]
+    assert all(v > 1 for v in ppl)
+
+
+def hparams_tab(logdir: Path) -> list:
+    """The rows of TensorBoard's HParams tab for ``logdir``, as TensorBoard's own backend lists them."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tb = base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)
+    request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=100, allowed_statuses=[api_pb2.STATUS_SUCCESS])
+    handler = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request)
+    return list(handler.run().session_groups)
+
+
+def test_fit_writes_one_hparams_row_with_the_final_metrics(run):
+    rows = hparams_tab(run[0].parent)
+    assert [row.name for row in rows] == ["version_0"]  # the fit run; predict adds no row
+    params = {k: getattr(v, v.WhichOneof("kind")) for k, v in rows[0].hparams.items()}
+    assert params["lora/r"] == 16 and params["optimizer/lr"] == 0.003 and params["batch_size"] == 8
+    assert params["trainer/max_epochs"] == EPOCHS and params["pretrained"] == "embedded:tiny-phi3"
+    assert params["lexicon_versions/cat_lingo"] == 1 and params["lexicon_versions/angst"] == 1
+    metrics = {m.name.tag: m.value for m in rows[0].metric_values}
+    assert set(metrics) == {"hp/val_loss", "hp/val_ppl", *(f"hp/{name}" for name in SAMPLE_METRICS)}
+    acc = events(run[0])
+    assert metrics["hp/val_loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)
+    for name in SAMPLE_METRICS:
+        assert metrics[f"hp/{name}"] == pytest.approx(acc.Scalars(f"samples/{name}")[-1].value), name
+
+
 def test_predict_writes_jsonl_and_markdown_for_every_prompt(run):
     predict_dir = run[1]
     prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
@@ -152,12 +214,61 @@ def test_predict_writes_jsonl_and_markdown_for_every_prompt(run):
     assert "version_0/checkpoints/last.ckpt" in markdown
 
 
+def test_predict_scores_every_answer_and_summarises_them(run):
+    from meowdread.metrics import words
+
+    rows = [json.loads(line) for line in (run[1] / "predictions.jsonl").read_text().splitlines()]
+    for row in rows:
+        scores = row["scores"]
+        assert scores["words"] == len(words(row["answer"]))
+        assert set(scores["markers"]) == {"cat_lingo", "angst"}
+        assert scores["coherence_ppl"] > 1
+        assert scores["copied_words"] == 0 or scores["copied_words"] >= 8
+        assert row["lexicons"] == {"cat_lingo": 1, "angst": 1}
+    summary = json.loads((run[1] / "predictions_summary.json").read_text())
+    assert summary["answers"] == len(rows) and set(summary["answers_metrics"]) == set(SAMPLE_METRICS)
+    assert summary["answers_metrics"]["cat_lingo_share"] == pytest.approx(
+        sum(bool(r["scores"]["markers"]["cat_lingo"]) for r in rows) / len(rows)
+    )
+    assert "base_metrics" not in summary
+    markdown = (run[1] / "predictions.md").read_text()
+    assert f"## Summary over {len(rows)} answers" in markdown and "| coherence_ppl |" in markdown
+    assert "scores: cat_lingo " in markdown
+
+
+def test_predict_with_compare_base_puts_the_base_models_answers_beside(run, tmp_path):
+    """The base answers are those of the base model (a fresh LoRA adds nothing), though the checkpoint's
+    hyperparameters, which LightningCLI applies over the command line, do not carry the flag."""
+    prompts = tmp_path / "prompts.txt"  # the first batch of run[1]'s prompts, so its answers are the same
+    prompts.write_text("\n".join(PROMPTS.read_text().splitlines()[:8]) + "\n")
+    ckpt = str(run[0] / "checkpoints" / "last.ckpt")
+    cli("predict", tmp_path, "--data.prompts", str(prompts), "--ckpt_path", ckpt, "--model.compare_base", "true")
+    cli("predict", tmp_path, "--data.prompts", str(prompts))  # a fresh LoRA: the base model itself
+    compared, base = (tmp_path / "lightning_logs" / v for v in ("version_0", "version_1"))
+    rows = [json.loads(line) for line in (compared / "predictions.jsonl").read_text().splitlines()]
+    alone = [json.loads(line)["answer"] for line in (base / "predictions.jsonl").read_text().splitlines()]
+    trained = [json.loads(line)["answer"] for line in (run[1] / "predictions.jsonl").read_text().splitlines()][:8]
+    assert [r["base"]["answer"] for r in rows] == alone
+    assert [r["answer"] for r in rows] == trained  # answering with the base too changes nothing else
+    assert alone != trained
+    assert all(set(r["base"]["scores"]) == set(r["scores"]) for r in rows)
+    summary = json.loads((compared / "predictions_summary.json").read_text())
+    assert set(summary["base_metrics"]) == set(summary["answers_metrics"]) == set(SAMPLE_METRICS)
+    markdown = (compared / "predictions.md").read_text()
+    assert "| metric | answers | base model (adapter disabled) |" in markdown
+    assert markdown.count("| answer | base model (adapter disabled) |") == len(rows)
+
+
 def test_fit_with_ckpt_path_last_resumes_in_the_same_run_directory(run, tmp_path):
     shutil.copytree(run[0], tmp_path / "lightning_logs" / "version_0")  # keep the shared run as it is
     cli("fit", tmp_path, "--ckpt_path", "last", "--trainer.max_epochs", str(EPOCHS + 1))
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
-    val = [e.value for e in events(tmp_path / "lightning_logs" / "version_0").Scalars("val/loss")]
+    acc = events(tmp_path / "lightning_logs" / "version_0")
+    val = acc.Scalars("val/loss")
     assert len(val) == EPOCHS + 1
+    # The base row stays the only one at step 0; the resumed weights' samples continue the curve.
+    steps = [e.step for e in acc.Scalars("samples/angst_share")]
+    assert steps[0] == 0 and steps.count(0) == 1 and len(steps) == EPOCHS + 3, steps  # + resumed, + epoch
 
 
 def test_bad_input_is_one_readable_line(tmp_path, capsys):
@@ -166,6 +277,15 @@ def test_bad_input_is_one_readable_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "missing.jsonl: corpus file not found" in err and "Traceback" not in err
+
+
+def test_a_bad_lexicon_stops_fit_with_one_line_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli("fit", tmp_path, "--data.lexicons", json.dumps([str(tmp_path / "missing.json")]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.json: lexicon file not found" in err and "Traceback" not in err
+    assert "LoRA:" not in err  # the model was never loaded
 
 
 def test_predict_from_the_exported_adapter_matches_predict_from_the_checkpoint(run, tmp_path):

@@ -207,3 +207,31 @@ def test_prepare_data_builds_the_embedded_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MEOWDREAD_CACHE", str(tmp_path))
     CatCorpusDataModule(pretrained="embedded:tiny-phi3").prepare_data()
     assert [p.name.split("-")[:2] for p in cache_root().iterdir()] == [["tiny", "phi3"]]
+
+
+def test_train_replies_are_the_training_splits_in_fit_and_in_predict(tmp_path, embedded_cache):
+    """Memorization is checked against what fit trained on, also in predict, where setup reads no corpus."""
+    from meowdread.data import CatCorpusDataModule
+
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"reply {i}"},
+                    {"role": "user", "content": "and?"},
+                    {"role": "assistant", "content": f"second reply {i}"},
+                ]
+            }
+        )
+        for i in range(10)
+    ]
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    fit = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    fit.setup("fit")
+    predict = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    predict.setup("predict")
+    assert predict.train_replies == fit.train_replies
+    assert len(fit.train_replies) == 2 * 8  # every assistant turn of the 8 training conversations
+    val_replies = {fit.tokenizer.decode(e["input_ids"]) for e in fit.val_set}
+    assert not any(reply in text for reply in fit.train_replies for text in val_replies)
