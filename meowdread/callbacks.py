@@ -1,8 +1,9 @@
-"""Callbacks: answers to fixed prompts in TensorBoard during ``fit``, and the ``predict`` report files."""
+"""Callbacks: answers to fixed prompts and their metrics in TensorBoard during ``fit``, the ``predict`` report
+files, and training throughput."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import time
@@ -15,7 +16,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from meowdread import report
 from meowdread.generation import SamplingSettings, generate
+from meowdread.metrics import Lexicon, SampleMetrics, base_nll
+from meowdread.report import cell, describe_scores, number
 
 log = logging.getLogger(__name__)
 
@@ -31,85 +35,190 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
+def sample_metrics(datamodule, **kwargs) -> SampleMetrics:
+    """The sample metrics of a data module: its lexicons, and its training replies for memorization."""
+    lexicons = [Lexicon.load(path) for path in datamodule.hparams.lexicons]
+    return SampleMetrics(lexicons, datamodule.train_replies, **kwargs)
 
 
 class SampleCallback(pl.Callback):
-    """Answers fixed prompts before training and after every validation epoch, and logs them to TensorBoard.
+    """Answers fixed prompts before training and after every validation epoch, scores the answers, and logs
+    both to TensorBoard.
 
-    One text entry per epoch under ``samples`` (prompt and answer side by side) and the time it took under
-    ``samples/seconds``. Only rank zero samples; the model's training mode and the RNG state are restored.
+    - Text ``samples``: each prompt with its answer and the answer's scores, one entry per epoch.
+    - Scalars ``samples/<metric>`` (see :class:`meowdread.metrics.SampleMetrics`) and ``samples/seconds``,
+      the time the callback took (sampling and scoring).
+    - The first entry, at step 0, is the base model: its answers are sampled with the adapter disabled, so
+      every curve starts where the model started, also with ``model.adapter``. A run resumed from a
+      checkpoint has its step 0 already; its first entry is the resumed weights' answers.
+    - At the end of ``fit``, the run's hyperparameters with the final ``val/loss``, ``val/ppl`` and sample
+      metrics (as ``hp/<name>`` scalars) go to TensorBoard's HParams tab: one comparable row per run.
+
+    Only rank zero samples; the model's training mode and the RNG state are restored.
 
     Args:
-        num_prompts: answer the first N prompts of ``data.prompts`` (all of them if None).
+        num_prompts: answer the first N prompts of ``data.prompts`` (all of them if None). More prompts give
+            steadier metrics; the prompts are answered in one batch.
         max_new_tokens: overrides ``model.sampling.max_new_tokens`` here, to keep the callback cheap.
     """
 
-    def __init__(self, num_prompts: int | None = 4, max_new_tokens: int | None = None):
+    def __init__(self, num_prompts: int | None = None, max_new_tokens: int | None = None):
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
+        self.metrics: SampleMetrics | None = None
+        self.latest: dict[str, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Here, so that a bad lexicon stops the run before the model loads.
+        if stage == "fit" and trainer.is_global_zero:
+            self.metrics = sample_metrics(trainer.datamodule, sync_on_compute=False)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sample(trainer, pl_module, "before training" if trainer.global_step == 0 else "resumed")
+        if trainer.global_step == 0:
+            self.sample(trainer, pl_module, "base model (adapter disabled), before training", base=True)
+        else:
+            self.sample(trainer, pl_module, "resumed")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.sample(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
-    def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
+    def settings(self, pl_module: pl.LightningModule) -> SamplingSettings:
+        if self.max_new_tokens is None:
+            return pl_module.sampling
+        return replace(pl_module.sampling, max_new_tokens=self.max_new_tokens)
+
+    def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str, base: bool = False) -> None:
         if not trainer.is_global_zero:
             return
-        settings: SamplingSettings = pl_module.sampling
-        if self.max_new_tokens is not None:
-            settings = replace(settings, max_new_tokens=self.max_new_tokens)
         prompts = trainer.datamodule.prompts[: self.num_prompts]
+        model, tokenizer = pl_module.model, pl_module.tokenizer
         start = time.perf_counter()
         with trainer.precision_plugin.forward_context():
-            answers = generate(pl_module.model, pl_module.tokenizer, prompts, settings)
+            with model.disable_adapter() if base else contextlib.nullcontext():
+                answers = generate(model, tokenizer, prompts, self.settings(pl_module))
+            nll, tokens = base_nll(model, tokenizer, prompts, answers)
+        self.metrics.reset()
+        scores = self.metrics.update(answers, nll, tokens)
+        self.latest = self.metrics.compute()
         seconds = time.perf_counter() - start
-        rows = "\n".join(f"| {_cell(p)} | {_cell(a)} |" for p, a in zip(prompts, answers, strict=True))
-        text = f"**{label}**, step {trainer.global_step}, {seconds:.1f} s\n\n| prompt | answer |\n|---|---|\n{rows}"
+        summary = " · ".join(f"{k} {number(v)}" for k, v in self.latest.items())
+        rows = "\n".join(
+            f"| {cell(prompt)} | {cell(answer)} | {describe_scores(score)} |"
+            for prompt, answer, score in zip(prompts, answers, scores, strict=True)
+        )
+        text = (
+            f"**{label}**, step {trainer.global_step}, {seconds:.1f} s\n\n{summary}\n\n"
+            f"| prompt | answer | scores |\n|---|---|---|\n{rows}"
+        )
+        metrics = {f"samples/{k}": v for k, v in self.latest.items()} | {"samples/seconds": seconds}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", text, global_step=trainer.global_step)
-            logger.log_metrics({"samples/seconds": seconds}, step=trainer.global_step)
-        log.info("samples (%s) took %.1f s", label, seconds)
+            logger.log_metrics(metrics, step=trainer.global_step)
+        log.info("samples (%s) took %.1f s: %s", label, seconds, summary)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.fast_dev_run or not self.latest:
+            return
+        final = {f"hp/{k}": v for k, v in self.latest.items()}
+        for key in ("val/loss", "val/ppl"):
+            if key in trainer.callback_metrics:
+                final["hp/" + key.replace("/", "_")] = float(trainer.callback_metrics[key])
+        params = self.hyperparameters(trainer, pl_module)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, final, step=trainer.global_step)
+
+    def hyperparameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The module's and data module's hyperparameters (as Lightning logs them at the start), with the
+        optimizer, the trainer's schedule, the samples' settings and the lexicon versions."""
+        optimizer = trainer.optimizers[0]
+        group = optimizer.param_groups[0]
+        settings = self.settings(pl_module)
+        given = {**pl_module.hparams, **trainer.datamodule.hparams}
+        return {
+            **{k: v for k, v in given.items() if not k.startswith("_")},  # not LightningCLI's _instantiator
+            "optimizer": {
+                "name": type(optimizer).__name__,
+                "lr": group.get("initial_lr", group["lr"]),  # the configured rate, before any schedule
+                "weight_decay": group.get("weight_decay"),
+            },
+            "trainer": {
+                "max_epochs": trainer.max_epochs,
+                "global_step": trainer.global_step,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "world_size": trainer.world_size,
+                "precision": trainer.precision,
+                "gradient_clip_val": trainer.gradient_clip_val,
+            },
+            "samples": {
+                "prompts": len(trainer.datamodule.prompts[: self.num_prompts]),
+                "max_new_tokens": settings.max_new_tokens,
+            },
+            "lexicon_versions": self.metrics.versions,
+        }
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.jsonl`` and ``predictions.md`` (prompt, answer, sampling settings) to the run dir."""
+    """Writes the ``predict`` report to the run directory: ``predictions.jsonl``, ``predictions.md`` and
+    ``predictions_summary.json`` (see :mod:`meowdread.report`).
+
+    Every answer is scored (:class:`meowdread.metrics.SampleMetrics`), and so is the set of them. With
+    ``model.compare_base``, the base model's answers are scored too and shown beside them.
+    """
 
     def __init__(self):
         super().__init__(write_interval="epoch")
+        self.metrics: SampleMetrics | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before sampling, so that a missing corpus or a bad lexicon costs no answers.
+        if stage == "predict" and trainer.is_global_zero:
+            self.metrics = sample_metrics(trainer.datamodule, sync_on_compute=False)
 
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:  # each rank answered its share of the prompts
+        columns = {"answers": "answer", "base": "base_answer"} if pl_module.compare_base else {"answers": "answer"}
+        prompts = [row["prompt"] for row in rows]
+        with trainer.precision_plugin.forward_context():  # each rank scores its own answers
+            for column in columns.values():
+                nll, tokens = base_nll(pl_module.model, pl_module.tokenizer, prompts, [row[column] for row in rows])
+                for row, row_nll, row_tokens in zip(rows, nll.tolist(), tokens.tolist(), strict=True):
+                    row[column + "_nll"] = (row_nll, row_tokens)
+        if trainer.world_size > 1:  # each rank answered every world_size-th prompt: put them back in file order
+            indices = [i for batch in batch_indices[0] for i in batch]
             gathered: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+            torch.distributed.all_gather_object(gathered, list(zip(indices, rows, strict=True)))
+            rows = [row for _, row in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
+        out = Path(trainer.log_dir)  # a broadcast from rank zero: every rank must ask
         if not trainer.is_global_zero:
             return
-        out = Path(trainer.log_dir)
+        scores, summaries = {}, {}
+        for key, column in columns.items():
+            nll = torch.tensor([row[column + "_nll"][0] for row in rows], dtype=torch.float64)
+            tokens = torch.tensor([row[column + "_nll"][1] for row in rows], dtype=torch.long)
+            self.metrics.reset()
+            scores[key] = self.metrics.update([row[column] for row in rows], nll, tokens)
+            summaries[key] = self.metrics.compute()
+        scored = []
+        for i, row in enumerate(rows):
+            scored.append({"prompt": row["prompt"], "answer": row["answer"], "scores": scores["answers"][i]})
+            if "base" in scores:
+                scored[-1]["base"] = {"answer": row["base_answer"], "scores": scores["base"][i]}
         out.mkdir(parents=True, exist_ok=True)
-        sampling = asdict(pl_module.sampling)
-        source = pl_module.hparams.adapter or trainer.ckpt_path or "(no adapter: fresh LoRA, i.e. the base model)"
-        lines = [json.dumps({**row, "sampling": sampling}, ensure_ascii=False) for row in rows]
-        write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
-        md = [
-            "# Predictions",
-            "",
-            f"- model: `{pl_module.hparams.pretrained}`",
-            f"- weights: `{source}`",
-            f"- sampling: {', '.join(f'{k}={v}' for k, v in sampling.items())}",
-            "",
-        ]
-        for row in rows:
-            md += [f"## {row['prompt']}", "", row["answer"] or "*(empty)*", ""]
-        write_atomic(out / "predictions.md", "\n".join(md))
+        weights = pl_module.hparams.adapter or trainer.ckpt_path or "(no adapter: fresh LoRA, i.e. the base model)"
+        header = {
+            "model": pl_module.hparams.pretrained,
+            "weights": weights,
+            "sampling": asdict(pl_module.sampling),
+            "lexicons": self.metrics.versions,
+        }
+        write_atomic(out / "predictions.jsonl", report.predictions_jsonl(scored, header))
+        write_atomic(out / "predictions_summary.json", report.summary_json(scored, summaries, header))
+        write_atomic(out / "predictions.md", report.predictions_markdown(scored, summaries, header))
         log.info("predictions written to %s", out)
         print(f"predictions: {out / 'predictions.md'}")
 
@@ -122,7 +231,8 @@ class SpeedMonitor(pl.Callback):
     out. Peak memory is likewise that of training: the peak is set aside before validation (where the
     epoch-end samples are drawn) and reset after it. Logs ``perf/trained_tokens_per_s`` and
     ``perf/peak_mem_gb`` and prints a summary at the end of ``fit``. A trained token is one whose label is
-    not -100 (no padding, no prompt).
+    not -100 (no padding, no prompt). Under DDP, tokens are summed over all ranks and timed on rank zero;
+    peak memory is rank zero's.
     """
 
     def __init__(self, warmup_steps: int = 5):
@@ -160,7 +270,9 @@ class SpeedMonitor(pl.Callback):
             return
         self._sync(trainer)
         self.seconds += time.perf_counter() - self._start
-        self.tokens += int(self._tokens)
+        # Ranks train on different examples, so their token counts differ: count them all. Every rank gets here
+        # together (same hooks, same global step), so the collective cannot leave one waiting.
+        self.tokens += int(trainer.strategy.reduce(self._tokens, reduce_op="sum"))
         self._start = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,10 +291,10 @@ class SpeedMonitor(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        """Throughput over all ranks (assuming they are alike) and this rank's training peak memory, so far."""
+        """Throughput over all ranks and this rank's training peak memory, so far."""
         metrics = {}
         if self.seconds > 0:
-            metrics["perf/trained_tokens_per_s"] = self.tokens * trainer.world_size / self.seconds
+            metrics["perf/trained_tokens_per_s"] = self.tokens / self.seconds
         if trainer.strategy.root_device.type == "cuda":
             peak = max(self.peak_bytes, torch.cuda.max_memory_allocated(trainer.strategy.root_device))
             metrics["perf/peak_mem_gb"] = peak / 2**30
@@ -193,4 +305,4 @@ class SpeedMonitor(pl.Callback):
         metrics = self.metrics(trainer)
         if trainer.is_global_zero and metrics:
             summary = ", ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in metrics.items())
-            print(f"speed: {summary} over {self.tokens * trainer.world_size} trained tokens in {self.seconds:.1f} s")
+            print(f"speed: {summary} over {self.tokens} trained tokens in {self.seconds:.1f} s")

@@ -38,10 +38,12 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {key}: {problem}" if path else f"{key}: {problem}")
 
 
-def check_config(subcommand: str, config: Any) -> None:
-    """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``)."""
+def check_config(subcommand: str | None, config: Any) -> None:
+    """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``); ``subcommand`` is
+    None for ``chat`` and ``export``, which write no run directory."""
     check_cuda_settings(config)
-    check_output_dir(config)
+    if subcommand is not None:
+        check_output_dir(config)
     check_pretrained(config.model.pretrained)
     check_adapter(config.model.get("adapter"))
     callbacks = config.trainer.get("callbacks") or []

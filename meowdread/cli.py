@@ -1,8 +1,11 @@
-"""The ``meowdread`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""The ``meowdread`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus ``chat``
+and ``export`` (:mod:`meowdread.chat`, :mod:`meowdread.export`), which read the same configs.
 
     meowdread fit --config configs/tiny.yaml
     meowdread predict --config configs/tiny.yaml --ckpt_path last
     meowdread fit --config configs/tiny.yaml --print_config
+    meowdread chat --config configs/tiny.yaml --ckpt_path last
+    meowdread export --config configs/tiny.yaml --ckpt_path last --output exported/tiny
 
 ``--ckpt_path last`` means the ``last.ckpt`` of the newest run under the logger's directory; ``fit`` then
 resumes that run in its own directory, so its TensorBoard curves continue.
@@ -17,17 +20,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from argparse import ArgumentError
+import warnings
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from pathlib import Path
+from types import ModuleType
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from meowdread import chat, export
 from meowdread.checkpoints import SafeCheckpointIO, SaveOnInterrupt
 from meowdread.checks import check_config, explain_parse_error
 from meowdread.data import CatCorpusDataModule
 from meowdread.model import QLoraModule
+
+log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
+
+TOOLS = {"chat": chat, "export": export}
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
@@ -48,7 +60,7 @@ class MeowCLI(LightningCLI):
         except ArgumentError as err:
             args = sys.argv[1:] if args is None else args
             subcommand = next((a for a in args if a in self.subcommands()), None)
-            known = [a.dest for a in self._parser(subcommand)._actions] if subcommand else []
+            known = [a.dest for a in (self._parser(subcommand) if subcommand else parser)._actions]
             raise explain_parse_error(str(err), args, known) from None
 
     def _parse_ckpt_path(self) -> None:
@@ -60,9 +72,7 @@ class MeowCLI(LightningCLI):
         parser.link_arguments("model.pretrained", "data.pretrained")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None:
-            return
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(self._last_checkpoint(config))
         check_config(self.subcommand, config)
@@ -88,6 +98,58 @@ class MeowCLI(LightningCLI):
         return trainer
 
 
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the line breaks of the tool's docstring in ``--help``."""
+
+
+class ToolCLI(MeowCLI):
+    """``meowdread chat`` and ``meowdread export``: the configs and overrides of ``fit``/``predict``, plus
+    ``--ckpt_path`` and the tool's own options. No Trainer method runs; the tool gets the module from
+    :meth:`load_module`, built as ``fit`` builds it."""
+
+    def __init__(self, name: str, args: list[str]):
+        self.tool: ModuleType = TOOLS[name]
+        with warnings.catch_warnings():
+            # LightningCLI warns when given args while sys.argv has some: here args are sys.argv minus the tool.
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+            super().__init__(
+                QLoraModule,
+                CatCorpusDataModule,
+                save_config_callback=None,
+                run=False,
+                args=args,
+                parser_kwargs={
+                    "prog": f"meowdread {name}",
+                    "description": self.tool.__doc__,
+                    "formatter_class": _HelpFormatter,
+                },
+            )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="a checkpoint of fit, whose LoRA weights are loaded; 'last' is the newest run's last.ckpt",
+        )
+        self.tool.add_arguments(parser)
+
+    def load_module(self) -> QLoraModule:
+        """The 4-bit base + LoRA on the trainer's device, with the weights of --ckpt_path or --model.adapter."""
+        module, ckpt_path = self.model, self.config.ckpt_path  # checked by check_config
+        module.trainer = self.trainer  # so that configure_model loads onto the trainer's device
+        # The contexts Lightning's own call of configure_model uses (e.g. the default dtype of bf16-true).
+        with self.trainer.strategy.tensor_init_context(), self.trainer.precision_plugin.module_init_context():
+            module.configure_model()
+        if ckpt_path:
+            module.load_lora_weights(ckpt_path)
+            log.info("LoRA weights from %s", ckpt_path)
+        elif not module.hparams.adapter:
+            log.warning("no --ckpt_path or --model.adapter: a fresh LoRA changes nothing, this is the base model")
+        return module.eval()
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes (pytest and notebooks swap it)."""
 
@@ -102,6 +164,8 @@ class _StderrHandler(logging.StreamHandler):
 
 _log_handler = _StderrHandler()
 _log_handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
+# Under DDP every rank runs the same code on the same data: say each thing once, as Lightning does.
+_log_handler.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -111,14 +175,23 @@ def main(args: list[str] | None = None) -> None:
     # bitsandbytes suggests a faster CPU kernel from the `kernels` package, which downloads it from the hub:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if args is None else args
     try:
-        MeowCLI(
-            QLoraModule,
-            CatCorpusDataModule,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [SaveOnInterrupt()]},
-            args=args,
-        )
+        if argv and argv[0] in TOOLS:
+            cli = ToolCLI(argv[0], argv[1:])
+            cli.tool.run(cli)
+        else:
+            MeowCLI(
+                QLoraModule,
+                CatCorpusDataModule,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"callbacks": [SaveOnInterrupt()]},
+                parser_kwargs={
+                    "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
+                    "`meowdread export`, with the same configs (add --help to either)."
+                },
+                args=args,
+            )
     except (ValueError, OSError, FloatingPointError, MisconfigurationException) as err:
         if os.environ.get("MEOWDREAD_DEBUG"):
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from meowdread.embedded import TINY_PHI3, resolve_pretrained
 
@@ -31,7 +32,7 @@ Message = dict[str, str]
 
 
 class CorpusError(ValueError):
-    """Bad input in a corpus or prompts file; the message names the file, the line and the field."""
+    """Bad input in a corpus, prompts or lexicon file; the message names the file, the line and the field."""
 
     def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
         where = f"{path}:{line}" if line else str(path)
@@ -151,35 +152,48 @@ def format_trained_tokens(tokenizer, input_ids: Sequence[int], labels: Sequence[
     return "".join(out) + ("⟧" if trained else "")
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffles, then sorts by length inside windows of ``batch_size * group`` examples.
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffles, then sorts by length inside windows of ``batch_size * num_replicas * group`` examples.
 
-    Consecutive ``batch_size`` indices have similar lengths, so right padding wastes little, while the order
-    still changes every epoch (``set_epoch``, which Lightning calls). The same seed and epoch give the same
-    order, which deterministic resumption needs.
+    Consecutive batches of ``batch_size * num_replicas`` indices have similar lengths, so right padding
+    wastes little, while the order still changes every epoch (``set_epoch``, which Lightning calls). The same
+    seed and epoch give the same order, which deterministic resumption needs. The one short batch, if any,
+    comes last, so it does not shift the batch boundaries of those after it.
+
+    Under DDP (``num_replicas`` > 1), every rank computes the same order and takes every ``num_replicas``-th
+    index of it: each optimizer step's examples are those of a single process with ``batch_size *
+    num_replicas``, and each rank gets the same number (the order is padded with its first examples, as
+    ``DistributedSampler`` pads). Being a ``DistributedSampler``, it is used as it is by Lightning, whose own
+    wrapper would shuffle the order again and undo the grouping.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 16):
-        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        group: int = 16,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.group = list(lengths), batch_size, group
 
     def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        window = self.batch_size * self.group
+        step = self.batch_size * self.num_replicas  # the examples of one step, over all ranks
+        window = step * self.group
         batches = []
         for w in range(0, len(order), window):
             chunk = sorted(order[w : w + window], key=lambda i: -self.lengths[i])
-            batches += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[b : b + step] for b in range(0, len(chunk), step)]
         rng.shuffle(batches)
-        return (i for batch in batches for i in batch)
+        batches.sort(key=lambda batch: len(batch) < step)  # stable: the short one goes last, the rest stay put
+        indices = [i for batch in batches for i in batch]
+        indices = (indices * math.ceil(self.total_size / len(indices)))[: self.total_size]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 
 class ResumableDataLoader(DataLoader):
@@ -241,6 +255,10 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _assistant_replies(split) -> list[str]:
+    return [m["content"] for row in split for m in row["messages"] if m["role"] == "assistant"]
+
+
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
     return {"prompts": prompts}
 
@@ -255,10 +273,12 @@ class CatCorpusDataModule(pl.LightningDataModule):
         max_length: longest example in tokens, template included.
         overlong: what to do with longer examples: ``drop`` them or ``truncate`` them (counted in the log).
         val_fraction: share of conversations held out for validation (and ``test``), split with ``seed``.
-        batch_size: examples per micro-batch.
+        batch_size: examples per micro-batch (on each rank, under DDP).
         seed: fixes the split and the shuffling.
         num_workers: DataLoader workers.
         show_examples: print this many training examples with their trained tokens marked at setup.
+        lexicons: the lexicons the sample metrics count markers of, one metric pair per file (named after it);
+            see ``data/lexicons/README.md``.
     """
 
     def __init__(
@@ -273,6 +293,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         show_examples: int = 0,
+        lexicons: tuple[str, ...] = ("data/lexicons/cat_lingo.json", "data/lexicons/angst.json"),
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -282,8 +303,14 @@ class CatCorpusDataModule(pl.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self._prompts: list[str] | None = None
+        self._train_replies: list[str] | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._train_loader_state: dict | None = None
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per machine before the others set up: under DDP, an embedded
+        # model is built once (phi3-mini-random is 7.6 GB), not by every rank at the same time.
+        resolve_pretrained(self.hparams.pretrained)
 
     @property
     def prompts(self) -> list[str]:
@@ -291,11 +318,17 @@ class CatCorpusDataModule(pl.LightningDataModule):
             self._prompts = read_prompts(self.hparams.prompts)
         return self._prompts
 
-    def setup(self, stage: str) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.pretrained)
-        if stage == "predict" or self.train_set:
-            return
+    @property
+    def train_replies(self) -> list[str]:
+        """The assistant replies of the training split, which the memorization metric checks answers against.
+
+        Read from the corpus (split as ``fit`` splits it) when ``setup`` has not done so, as in ``predict``.
+        """
+        if self._train_replies is None:
+            self._train_replies = _assistant_replies(self._split()["train"])
+        return self._train_replies
+
+    def _split(self):
         from datasets import Dataset
 
         conversations = read_conversations(self.hparams.corpus)
@@ -305,7 +338,15 @@ class CatCorpusDataModule(pl.LightningDataModule):
             raise CorpusError(
                 self.hparams.corpus, None, "data.val_fraction", f"{len(dataset)} conversations are too few to split"
             )
-        split = dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+        return dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.pretrained)
+        if stage == "predict" or self.train_set:
+            return
+        split = self._split()
+        self._train_replies = _assistant_replies(split["train"])
         self.train_set = self._encode(split["train"], "train")
         self.val_set = self._encode(split["test"], "val")
         for example in self.train_set[: self.hparams.show_examples]:
@@ -352,7 +393,10 @@ class CatCorpusDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         lengths = [len(e["input_ids"]) for e in self.train_set]
-        sampler = LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed)
+        # Under DDP each rank takes its share of the same length-grouped order (see LengthGroupedSampler).
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        batch_size, seed = self.hparams.batch_size, self.hparams.seed
+        sampler = LengthGroupedSampler(lengths, batch_size, seed, num_replicas=world, rank=rank)
         self._train_loader = self._loader(self.train_set, sampler, ResumableDataLoader)
         if self._train_loader_state is not None:
             self._train_loader.load_state_dict(self._train_loader_state)

@@ -25,7 +25,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
-from meowdread.checkpoints import lora_misfits, rng_states, saved_checkpoints, set_rng_states
+from meowdread.checkpoints import (
+    load_checkpoint_file,
+    lora_misfits,
+    rng_states,
+    saved_checkpoints,
+    set_rng_states,
+)
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
@@ -121,9 +127,14 @@ class QLoraModule(pl.LightningModule):
             as peft's ``prepare_model_for_kbit_training`` does. Costs memory (PITFALLS 11); off by default.
         trust_remote_code: run modelling code from the hub. Phi-3 is native in transformers: keep it off.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        compile: ``torch.compile`` each decoder layer (regional compilation: one small graph reused 32 times,
+            compiled in seconds). Fuses the many small kernels of norms, LoRA and bitsandbytes between the
+            matmuls; needs a CUDA GPU and Triton.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.
+        compare_base: ``predict`` also answers every prompt with the adapter disabled (the base model), and
+            the report puts both side by side.
     """
 
     def __init__(
@@ -136,12 +147,16 @@ class QLoraModule(pl.LightningModule):
         upcast_frozen_weights: bool = False,
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
+        compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Callable[[Optimizer, int], LRScheduler] = WarmupSchedule,
         sampling: SamplingSettings = SamplingSettings(),
+        compare_base: bool = False,
     ):
         super().__init__()
         self.quantization, self.lora, self.sampling = quantization, lora, sampling
+        # Not a hyperparameter: LightningCLI would restore it from the checkpoint over the command line's.
+        self.compare_base = compare_base
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # Plain values only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -154,6 +169,7 @@ class QLoraModule(pl.LightningModule):
                 "upcast_frozen_weights": upcast_frozen_weights,
                 "trust_remote_code": trust_remote_code,
                 "attn_implementation": attn_implementation,
+                "compile": compile,
                 "sampling": asdict(sampling),
             }
         )
@@ -166,8 +182,8 @@ class QLoraModule(pl.LightningModule):
         self._rng_to_restore: dict | None = None
 
     # ----------------------------------------------------------------- building
-    def configure_model(self) -> None:
-        """Load the quantized base on this rank's device and wrap it with LoRA (once)."""
+    def configure_model(self, device: torch.device | str | None = None) -> None:
+        """Load the quantized base on this rank's device (or ``device``) and wrap it with LoRA (once)."""
         if self.model is not None:
             return
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -177,7 +193,14 @@ class QLoraModule(pl.LightningModule):
         path = resolve_pretrained(hp.pretrained)
         if not Path(path).exists() and path.count("/") != 1:
             raise FileNotFoundError(f"model.pretrained: {path!r} is neither a directory nor a hub id (org/name)")
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda":
+            # PyTorch picks cuDNN attention first on Hopper, and cuDNN builds an execution plan for every new
+            # sequence length: 2-3 ms of CPU per layer and batch, more than the whole GPU step at these sizes.
+            # FlashAttention-2 (no mask: see ``_step``) needs no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.tokenizer = load_tokenizer(hp.pretrained)
         base = AutoModelForCausalLM.from_pretrained(
             path,
@@ -213,6 +236,9 @@ class QLoraModule(pl.LightningModule):
                 task_type="CAUSAL_LM",
             )
             self.model = get_peft_model(base, config)
+        if hp.compile:
+            for layer in base.model.layers:
+                layer.compile(dynamic=True)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters on %s", trainable, hp.pretrained)
 
@@ -268,7 +294,10 @@ class QLoraModule(pl.LightningModule):
         return loss_sum, keep.sum()
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        # Batches are right-padded (``data.collate``): under causal attention no real token can see a pad
+        # token after it, so the padding mask changes no logit that has a label. Without it, attention runs
+        # the plain causal kernel (FlashAttention-2) instead of a masked one.
+        logits = self(batch["input_ids"], None)
         return self.compute_loss(logits, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -316,14 +345,23 @@ class QLoraModule(pl.LightningModule):
 
     def _log_eval(self, stage: str) -> None:
         """Token-weighted mean loss over the whole epoch (all ranks), and its perplexity."""
-        loss = self.eval_loss.compute()
+        loss = self.eval_loss.compute()  # gathers every rank's sums: the same value on all of them
         self.eval_loss.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", torch.exp(loss))
+        # sync_dist only averages identical values here; it keeps Lightning from warning under DDP.
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
 
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
-        answers = generate(self.model, self.tokenizer, batch["prompts"], self.sampling)
-        return [{"prompt": p, "answer": a} for p, a in zip(batch["prompts"], answers, strict=True)]
+        """``[{prompt, answer}]``, and ``base_answer`` (the adapter disabled) with ``compare_base``."""
+        prompts = batch["prompts"]
+        answers = generate(self.model, self.tokenizer, prompts, self.sampling)
+        rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+        if self.compare_base:
+            with self.model.disable_adapter():
+                base = generate(self.model, self.tokenizer, prompts, self.sampling)
+            for row, answer in zip(rows, base, strict=True):
+                row["base_answer"] = answer
+        return rows
 
     # ----------------------------------------------------------------- checkpoints and export
     def trainable_state_keys(self) -> set[str]:
@@ -345,7 +383,8 @@ class QLoraModule(pl.LightningModule):
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         problems = lora_misfits(own, checkpoint.get("state_dict", {}))
         if problems:
-            where = f"{self._trainer.ckpt_path}: ckpt_path: " if self._trainer is not None else ""
+            ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+            where = f"{ckpt_path}: ckpt_path: " if ckpt_path else ""
             trained_on = checkpoint.get("hyper_parameters", {}).get("pretrained", "another model")
             raise ValueError(
                 f"{where}the checkpoint does not fit this model ({self.hparams.pretrained}, LoRA r={self.lora.r} "
@@ -375,10 +414,23 @@ class QLoraModule(pl.LightningModule):
         saved = saved_checkpoints(self._trainer) if self._trainer is not None else []
         return f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
+    def load_lora_weights(self, ckpt_path: str | Path) -> None:
+        """Load the LoRA weights of a ``fit`` checkpoint into the configured model, outside a Trainer run
+        (``chat``, ``export``); checked as on resume."""
+        checkpoint = load_checkpoint_file(ckpt_path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=False)  # the base is not in it, by design
+
     def on_train_end(self) -> None:
         # fast_dev_run is a smoke test with no run directory: nothing to export.
-        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
-            path = self.export_adapter(Path(self.trainer.log_dir) / "adapter")
+        if self.trainer.fast_dev_run:
+            return
+        # trainer.log_dir broadcasts rank zero's directory: every rank must ask, or rank zero waits forever.
+        run_dir = Path(self.trainer.log_dir)
+        if self.trainer.is_global_zero:
+            path = self.export_adapter(run_dir / "adapter")
             log.info("adapter saved to %s", path)
 
     def export_adapter(self, directory: str | Path) -> Path:

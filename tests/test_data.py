@@ -105,6 +105,21 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_grouped_lengths():
     assert padded(epoch0) < 0.8 * padded(shuffled)
 
 
+def test_length_grouped_sampler_gives_each_ddp_rank_its_share_of_the_same_batches():
+    lengths = torch.randint(20, 400, (301,), generator=torch.Generator().manual_seed(0)).tolist()
+    single = list(LengthGroupedSampler(lengths, batch_size=8, seed=3))
+    ranks = [list(LengthGroupedSampler(lengths, batch_size=4, seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 151  # equal shares: no rank waits for a batch the other lacks
+    assert sorted(ranks[0] + ranks[1]) == sorted([*range(301), single[0]])  # padded with one repeat
+    # Step k of the two ranks together trains on the examples of step k of one process at batch 8, so the
+    # grouping by length survives and the run is the one-process run with its work split.
+    for k in range(301 // 8):
+        assert sorted(ranks[0][4 * k : 4 * k + 4] + ranks[1][4 * k : 4 * k + 4]) == sorted(single[8 * k : 8 * k + 8])
+    # fewer examples than ranks: every rank still gets one, or DDP would wait forever for the empty one
+    tiny = [LengthGroupedSampler([5], batch_size=1, num_replicas=3, rank=r) for r in range(3)]
+    assert [list(sampler) for sampler in tiny] == [[0], [0], [0]]
+
+
 def test_read_conversations_accepts_system_and_multi_turn(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"messages": CONVERSATION}), ""])
     assert read_conversations(path) == [CONVERSATION]
@@ -145,3 +160,41 @@ def test_the_train_val_split_is_fixed_by_the_seed(embedded_cache):
     (same, n), (again, _), (other, _) = val_ids(1), val_ids(1), val_ids(2)
     assert same == again and same != other
     assert len(same) == 33 and n == 330  # 10% held out; nothing dropped at the default max_length=1024
+
+
+def test_prepare_data_builds_the_embedded_model(tmp_path, monkeypatch):
+    """Lightning calls prepare_data on one process per machine first, so DDP ranks do not all build it."""
+    from meowdread.data import CatCorpusDataModule
+    from meowdread.embedded import cache_root
+
+    monkeypatch.setenv("MEOWDREAD_CACHE", str(tmp_path))
+    CatCorpusDataModule(pretrained="embedded:tiny-phi3").prepare_data()
+    assert [p.name.split("-")[:2] for p in cache_root().iterdir()] == [["tiny", "phi3"]]
+
+
+def test_train_replies_are_the_training_splits_in_fit_and_in_predict(tmp_path, embedded_cache):
+    """Memorization is checked against what fit trained on, also in predict, where setup reads no corpus."""
+    from meowdread.data import CatCorpusDataModule
+
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"reply {i}"},
+                    {"role": "user", "content": "and?"},
+                    {"role": "assistant", "content": f"second reply {i}"},
+                ]
+            }
+        )
+        for i in range(10)
+    ]
+    corpus = write_jsonl(tmp_path / "c.jsonl", lines)
+    fit = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    fit.setup("fit")
+    predict = CatCorpusDataModule(corpus=str(corpus), val_fraction=0.2, seed=3)
+    predict.setup("predict")
+    assert predict.train_replies == fit.train_replies
+    assert len(fit.train_replies) == 2 * 8  # every assistant turn of the 8 training conversations
+    val_replies = {fit.tokenizer.decode(e["input_ids"]) for e in fit.val_set}
+    assert not any(reply in text for reply in fit.train_replies for text in val_replies)

@@ -1,7 +1,9 @@
 """The one sampler: left-padded batches, stop tokens, and no side effects on the training run."""
 
+import pytest
 import torch
 
+from meowdread import fast_generation
 from meowdread.generation import SamplingSettings, generate, stop_token_ids
 from meowdread.model import LoraSettings, QLoraModule, QuantizationSettings
 
@@ -61,3 +63,81 @@ def test_sampling_restores_training_mode_and_the_rng(tokenizer):
     assert torch.equal(torch.rand(3), expected)  # the training run's random stream is untouched
     assert module.model.training
     assert generate(module.model, tokenizer, PROMPTS[:1], SamplingSettings(max_new_tokens=8)) == first  # seeded
+
+
+def trained_looking(module: QLoraModule) -> QLoraModule:
+    """LoRA B is zero at init, where merging adds nothing: give the adapter weights that matter."""
+    torch.manual_seed(0)
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return module
+
+
+STATIC = SamplingSettings(max_new_tokens=24, do_sample=False, engine="static")
+HF = SamplingSettings(max_new_tokens=24, do_sample=False, engine="hf")
+
+
+def test_the_static_engine_gives_hf_generates_greedy_tokens(tokenizer):
+    module = trained_looking(fp32_module())
+    prompts = [*PROMPTS, "What is the void?"]
+    static = generate(module.model, tokenizer, prompts, STATIC)
+    assert static == generate(module.model, tokenizer, prompts, HF)
+    with module.model.disable_adapter():  # the base alone, as the metrics' base row samples it
+        base = generate(module.model, tokenizer, prompts, STATIC)
+        assert base == generate(module.model, tokenizer, prompts, HF)
+    assert base != static  # the adapter was merged in, not ignored
+
+
+def test_the_static_engine_keeps_phi3s_sliding_window(tokenizer):
+    module = trained_looking(fp32_module())
+    module.model.config.sliding_window = 5  # so that prompt and answer both outgrow it
+    assert generate(module.model, tokenizer, PROMPTS[1:2], STATIC) == generate(
+        module.model, tokenizer, PROMPTS[1:2], HF
+    )
+
+
+def test_merged_bf16_logits_match_the_4bit_model_within_bf16_rounding(tokenizer):
+    module = QLoraModule(pretrained="embedded:tiny-phi3", gradient_checkpointing=False)  # bf16 compute
+    module.configure_model()
+    model = trained_looking(module).model.eval()
+    enc = tokenizer(
+        [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+         for p in PROMPTS],
+        add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt",
+    )  # fmt: skip
+    with torch.inference_mode():
+        reference = model(**enc).logits[:, -1].float()
+        engine = fast_generation.MergedPhi3(model, len(PROMPTS), enc["input_ids"].shape[1] + 1)
+        logits, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
+    assert engine.layers[0]["qkv"].dtype == torch.bfloat16
+    error = (logits - reference).norm() / reference.norm()
+    assert error < 2e-2, error
+
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(fast_generation.sample_next(logits, 1.0, 0.7, None)) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reach 0.7; 0.15 and 0.05 are cut
+    assert int(fast_generation.sample_next(logits, 0.0, 1.0, None)) == 0  # temperature 0 is greedy
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_seeded_sampling_is_reproducible_on_both_engines(tokenizer, engine):
+    module = trained_looking(fp32_module())
+    settings = SamplingSettings(max_new_tokens=16, engine=engine)
+    first = generate(module.model, tokenizer, PROMPTS, settings)
+    assert generate(module.model, tokenizer, PROMPTS, settings) == first
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_both_engines_stream_exactly_the_answer_they_return(tokenizer, engine):
+    import io
+
+    from meowdread.chat import StreamWriter
+
+    module = trained_looking(fp32_module())
+    out = io.StringIO()
+    settings = SamplingSettings(max_new_tokens=20, do_sample=False, engine=engine)
+    answer = generate(module.model, tokenizer, PROMPTS[1:2], settings, streamer=StreamWriter(tokenizer, out))[0]
+    assert answer and out.getvalue() == answer

@@ -37,3 +37,24 @@ def test_the_gpu_recipe_trains_checkpoints_and_predicts_on_cuda(tmp_path, monkey
     main(["predict", *common, "--ckpt_path", "last", "--model.sampling.max_new_tokens", "16"])
     rows = (tmp_path / "lightning_logs" / "version_1" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == len(read_prompts(PROMPTS)) and json.loads(rows[0])["answer"]
+
+
+def test_the_cuda_graph_decoder_gives_hf_generates_greedy_tokens(tokenizer):
+    """On CUDA, ``engine: auto`` decodes with a captured graph; it must agree with HF generate."""
+    from meowdread.generation import SamplingSettings, generate
+    from meowdread.model import QLoraModule, QuantizationSettings
+
+    module = QLoraModule(
+        pretrained="embedded:tiny-phi3",
+        quantization=QuantizationSettings(compute_dtype="float32"),
+        gradient_checkpointing=False,
+    )
+    module.configure_model(device="cuda")
+    torch.manual_seed(0)
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    prompts = ["Why?", "Is the box my friend, or my prison?", "Meow.", "What is the void?"]
+    auto = generate(module.model, tokenizer, prompts, SamplingSettings(max_new_tokens=40, do_sample=False))
+    hf = generate(module.model, tokenizer, prompts, SamplingSettings(max_new_tokens=40, do_sample=False, engine="hf"))
+    assert auto == hf and all(auto)

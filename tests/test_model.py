@@ -58,6 +58,24 @@ def test_llama_style_targets_are_an_error_not_a_silent_partial_match():
         make_module(lora=LoraSettings(target_modules=llama))
 
 
+def test_the_step_drops_the_padding_mask_without_changing_a_trained_logit(tokenizer):
+    """Right padding + causal attention: the mask-free forward (FlashAttention's path) is exact."""
+    module = make_module(quantization=QuantizationSettings(compute_dtype="float32"))
+    batch = batch_of(tokenizer, "Meow.", "The red dot is Sisyphus' boulder, but shinier, and I must imagine " * 2)
+    assert (batch["attention_mask"] == 0).any()  # there is padding to get wrong
+    module.eval()
+    with torch.inference_mode():
+        masked = module(batch["input_ids"], batch["attention_mask"])
+        unmasked = module(batch["input_ids"], None)
+        loss, _ = module._step(batch)
+        expected, _ = module.compute_loss(masked, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(unmasked[real], masked[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    # ...while the pad positions did change (they see the pad tokens now): the comparison is not vacuous.
+    assert not torch.allclose(unmasked[~real], masked[~real], atol=1e-3)
+
+
 def test_gradients_do_not_change_after_an_eval_pass(tokenizer):
     """bitsandbytes' CPU inference repack would silently drop gradients through the frozen base."""
     module = make_module()
