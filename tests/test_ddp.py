@@ -54,6 +54,7 @@ def meowdread(subcommand: str, root, *extra: str) -> str:
         "--trainer.enable_model_summary", "false",
         "--data.corpus", str(CORPUS),
         "--data.prompts", str(PROMPTS),
+        "--data.lexicons", json.dumps([str(p) for p in sorted((REPO / "data" / "lexicons").glob("*.json"))]),
         *extra,
     ]  # fmt: skip
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -133,7 +134,7 @@ def test_only_rank_zero_writes_the_run_directory(runs):
     acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
     acc.Reload()
     labels = [s.tensor_proto.string_val[0].decode().split(",")[0] for s in acc.Tensors("samples/text_summary")]
-    assert labels == ["**before training**", "**epoch 0**"]
+    assert labels == ["**base model (adapter disabled)", "**epoch 0**"]  # once each: rank zero alone samples
     assert {p.name for p in run.iterdir()} == {"adapter", "checkpoints", "config.yaml", "hparams.yaml"} | {
         p.name for p in run.glob("events.out.tfevents.*")
     }
