@@ -275,13 +275,18 @@ class SpeedMonitor(pl.Callback):
         self.tokens += int(trainer.strategy.reduce(self._tokens, reduce_op="sum"))
         self._start = None
 
+    def _in_fit_on_cuda(self, trainer: pl.Trainer) -> bool:
+        # Not ``trainer.training``: that is False inside fit's validation loop, which is exactly where the
+        # epoch-end samples are drawn.
+        return trainer.state.fn == "fit" and trainer.strategy.root_device.type == "cuda"
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(trainer)
-        if trainer.training and trainer.strategy.root_device.type == "cuda":
+        if self._in_fit_on_cuda(trainer):
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(trainer.strategy.root_device))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training and trainer.strategy.root_device.type == "cuda":
+        if self._in_fit_on_cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -229,3 +229,27 @@ def test_exported_adapter_loads_with_stock_peft_and_gives_the_modules_logits(tmp
             plain = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     assert (ours - plain).abs().max() > 0.1  # the adapter changes the logits, so the match below means something
     torch.testing.assert_close(theirs, ours, rtol=0.02, atol=0.05)
+
+
+def test_speed_monitor_leaves_fits_validation_and_samples_out_of_the_training_peak(monkeypatch):
+    """The epoch-end samples need a bf16 copy of the weights: that peak is not training's."""
+    from types import SimpleNamespace
+
+    from meowdread.callbacks import SpeedMonitor
+
+    memory = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: memory.update(peak=0))
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(fn="fit"),
+        strategy=SimpleNamespace(root_device=torch.device("cuda")),
+        world_size=1,
+        training=False,  # as Lightning has it inside fit's validation loop
+    )
+    monitor = SpeedMonitor()
+    memory["peak"] = 8  # training so far
+    monitor.on_validation_start(trainer, None)
+    memory["peak"] = 11  # sampling at the end of the validation epoch
+    monitor.on_validation_end(trainer, None)
+    memory["peak"] = 5  # training again
+    assert monitor.metrics(trainer)["perf/peak_mem_gb"] == 8 / 2**30
