@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from meowdread.data import (
     IGNORE_INDEX,
     LengthGroupedSampler,
+    ResumableDataLoader,
     collate,
     encode_conversation,
     format_trained_tokens,
@@ -103,6 +105,33 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_grouped_lengths():
 
     shuffled = torch.randperm(300, generator=gen).tolist()
     assert padded(epoch0) < 0.8 * padded(shuffled)
+
+
+def test_a_resumed_loader_goes_on_at_the_next_batch_of_the_same_epoch():
+    examples = list(range(50))
+    lengths = torch.randint(1, 100, (50,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def loader(batch_size=4):
+        return ResumableDataLoader(examples, batch_size=batch_size, sampler=LengthGroupedSampler(lengths, batch_size))
+
+    first = loader()
+    first.sampler.set_epoch(2)
+    batches = iter(first)
+    seen = [next(batches).tolist() for _ in range(5)]
+    state = first.state_dict()  # what a checkpoint after the fifth step holds
+    rest = [b.tolist() for b in batches]
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the epoch after building the loader, before iterating
+    assert state["batches"] == 5 and [b.tolist() for b in resumed] == rest
+    assert len(list(resumed)) == 13  # the skip applies to the resumed epoch only
+    stale = loader()
+    stale.load_state_dict(state)
+    stale.sampler.set_epoch(3)  # the checkpoint's epoch was over: the next one starts at its beginning
+    assert len(list(stale)) == 13 and len(seen) == 5
+    with pytest.raises(ValueError, match="50 training examples in batches of 4, this run 50 in batches of 8"):
+        loader(batch_size=8).load_state_dict(state)
 
 
 def test_length_grouped_sampler_gives_each_ddp_rank_its_share_of_the_same_batches():
