@@ -332,11 +332,7 @@ def run_sampling(out: Path) -> None:
     free()
     module = QLoraModule(pretrained=MODEL, gradient_checkpointing=False)
     module.configure_model(device=DEVICE)
-    model, tokenizer = module.model, module.tokenizer
-    for p in model.parameters():  # a trained-looking adapter: B != 0, so merging really adds deltas
-        if p.requires_grad and p.dim() == 2 and p.shape[1] == 16:
-            p.data.normal_(0, 1e-3)
-    model.eval()
+    model, tokenizer = adapted(module.model).eval(), module.tokenizer
     prompts = read_prompts(PROMPTS)[:8]
     new = 250 if CUDA else 20
 
@@ -412,40 +408,36 @@ def run_sampling(out: Path) -> None:
             seconds=round(hf_s, 3),
             tokens_per_s=round(len(batch) * new / hf_s, 1),
         )
-    # Same function on the real shapes: the merged engine's prompt logits against the 4-bit + LoRA model's.
+    module = model = None
+    free()
+    # Same function on the real shapes: the engine's prompt logits against the 4-bit + LoRA model's, in the
+    # recipe's bf16 compute and in fp32 compute (where what is left is the engine's own error, not rounding).
     enc = encode(prompts)
-    with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
-        hf = model(**enc).logits[:, -1].float()
-    engine = fast_generation.MergedPhi3(model, len(prompts), enc["input_ids"].shape[1] + 1)
-    st, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
-    error = ((st - hf).norm() / hf.norm()).item()
-    agree = (st.argmax(-1) == hf.argmax(-1)).float().mean().item()
-    record(
-        out, system="meowdread", case="sampling-logits-vs-4bit", relative_error=round(error, 5), argmax_agreement=agree
-    )
-    module = model = engine = None
-    free()
-    # The same in fp32 compute: what is left is the engine's own error, not bf16 rounding.
-    module = QLoraModule(pretrained=MODEL, quantization=QuantizationSettings(compute_dtype="float32"))
-    module.configure_model(device=DEVICE)
-    model = module.model.eval()
-    for p in model.parameters():
-        if p.requires_grad and p.dim() == 2 and p.shape[1] == 16:
+    for compute in ("bfloat16", "float32"):
+        module = QLoraModule(pretrained=MODEL, quantization=QuantizationSettings(compute_dtype=compute))
+        module.configure_model(device=DEVICE)
+        model = adapted(module.model).eval()
+        with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=compute == "bfloat16"):
+            hf = model(**enc).logits[:, -1].float()
+            engine = fast_generation.MergedPhi3(model, len(prompts), enc["input_ids"].shape[1] + 1)
+            st, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
+        record(
+            out,
+            system="meowdread",
+            case="sampling-logits-vs-4bit" + ("-fp32" if compute == "float32" else ""),
+            relative_error=round(((st - hf).norm() / hf.norm()).item(), 7),
+            argmax_agreement=(st.argmax(-1) == hf.argmax(-1)).float().mean().item(),
+        )
+        module = model = engine = None
+        free()
+
+
+def adapted(model):
+    """A trained-looking adapter: LoRA B != 0, so merging really adds deltas."""
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
             p.data.normal_(0, 1e-3)
-    with torch.inference_mode():
-        hf = model(**enc).logits[:, -1].float()
-        engine = fast_generation.MergedPhi3(model, len(prompts), enc["input_ids"].shape[1] + 1)
-        st, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
-    error = ((st - hf).norm() / hf.norm()).item()
-    record(
-        out,
-        system="meowdread",
-        case="sampling-logits-vs-4bit-fp32",
-        relative_error=round(error, 7),
-        argmax_agreement=(st.argmax(-1) == hf.argmax(-1)).float().mean().item(),
-    )
-    module = model = engine = None
-    free()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -253,3 +253,27 @@ def test_speed_monitor_leaves_fits_validation_and_samples_out_of_the_training_pe
     monitor.on_validation_end(trainer, None)
     memory["peak"] = 5  # training again
     assert monitor.metrics(trainer)["perf/peak_mem_gb"] == 8 / 2**30
+
+
+def test_the_compiled_step_gives_the_plain_steps_loss_and_gradients(tokenizer):
+    """``compile: true`` is a speed setting: loss and LoRA gradients stay those of the eager step (bf16)."""
+    batch = batch_of(tokenizer, "I fits, therefore I sits.", "The void fits too, and it is very large " * 3)
+
+    def loss_and_grads(compiled: bool):
+        torch.manual_seed(0)  # the same LoRA init for both
+        module = make_module(compile=compiled)
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        module.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, tokens = module._step(batch)
+        (loss / tokens).backward()
+        return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = loss_and_grads(False)
+    compiled_loss, compiled_grads = loss_and_grads(True)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=0)
+    for key, grad in eager_grads.items():
+        error = (compiled_grads[key] - grad).norm() / grad.norm()
+        assert error < 5e-2, (key, error)
