@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
+from meowdread.adapters import PHI3_LINEARS, LoraSettings, QuantizationSettings, find_unmatched_targets
 from meowdread.checkpoints import (
     load_checkpoint_file,
     lora_misfits,
@@ -37,49 +38,6 @@ from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
 
 log = logging.getLogger(__name__)
-
-PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-
-
-@dataclass(frozen=True)
-class QuantizationSettings:
-    """How the frozen base is loaded (bitsandbytes through transformers' ``BitsAndBytesConfig``)."""
-
-    load_in_4bit: bool = True
-    """Quantize the base to 4 bits (QLoRA). False loads it unquantized in ``compute_dtype`` (plain LoRA)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type; NF4 is the QLoRA paper's."""
-    double_quant: bool = True
-    """Quantize the quantization constants too (saves about 0.4 bit a parameter)."""
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """dtype the 4-bit weights are dequantized to for each matmul, and of the unquantized weights."""
-
-    def to_transformers(self):
-        from transformers import BitsAndBytesConfig
-
-        if not self.load_in_4bit:
-            return None
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-        )
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The peft LoRA adapter."""
-
-    r: int = 16
-    """Rank of the update matrices."""
-    alpha: int = 32
-    """Scale: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
-    target_modules: list[str] = field(default_factory=lambda: list(PHI3_LINEARS))
-    """Module name suffixes to adapt. Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``;
-    each name must match at least one module (PITFALLS 1)."""
 
 
 class WarmupSchedule(LambdaLR):
@@ -106,12 +64,6 @@ class WarmupSchedule(LambdaLR):
             return 1.0
 
         super().__init__(optimizer, factor)
-
-
-def find_unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
-    """Targets that match no module name (peft's rule: the name, or a ``.``-separated suffix of it)."""
-    names = [name for name, _ in model.named_modules()]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 class QLoraModule(pl.LightningModule):
