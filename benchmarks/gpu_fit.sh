@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Sprint 1 recipe (configs/phi3_qlora.yaml) through the real CLI, on a CUDA GPU with no hub access:
+# The GPU recipe (configs/phi3_qlora.yaml) through the real CLI, on a CUDA GPU with no hub access:
 # a full-size Phi-3-mini with random weights (embedded:phi3-mini-random) stands in for the real one, so
 # speed and memory are real and answers are noise. Prints the SpeedMonitor and sample-callback figures.
 #   bash benchmarks/gpu_fit.sh            # then: grep -E 'speed:|samples' in its output
