@@ -204,7 +204,7 @@ def static_generate(
     if streamer is not None:  # as HF generate does: the prompt first (streamers skip it), then each token
         streamer.put(input_ids.cpu())
 
-    stop = torch.tensor(stop_ids, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     ids = torch.empty(batch, 1, dtype=torch.long, device=device)
