@@ -5,6 +5,7 @@ huggingface_hub, and every socket connection to another machine raises (``tests/
 tried one fails, even if the library it came from swallowed the error.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -55,6 +56,22 @@ def tokenizer(embedded_cache):
     from meowdread.data import load_tokenizer
 
     return load_tokenizer("embedded:tiny-phi3")
+
+
+def tiny_args(subcommand: str, save_dir: Path, *extra: str, config: Path | str | None = None) -> list[str]:
+    """A ``meowdread`` command line on ``configs/tiny.yaml`` with every data path absolute and runs under
+    ``save_dir``, so that it works from any working directory (the DDP test's ranks run in a temporary one)."""
+    lexicons = [str(REPO / "data" / "lexicons" / name) for name in ("cat_lingo.json", "angst.json")]  # as configs
+    return [
+        subcommand,
+        "--config", str(config or REPO / "configs" / "tiny.yaml"),
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--data.corpus", str(CORPUS),
+        "--data.prompts", str(PROMPTS),
+        "--data.lexicons", json.dumps(lexicons),
+        *extra,
+    ]  # fmt: skip
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:

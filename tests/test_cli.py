@@ -11,11 +11,10 @@ import yaml
 
 from meowdread.cli import main
 
-from .conftest import CORPUS, PROMPTS, REPO
+from .conftest import CORPUS, PROMPTS, REPO, tiny_args
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 EPOCHS = 3
-LEXICONS = [REPO / "data" / "lexicons" / name for name in ("cat_lingo.json", "angst.json")]
 SAMPLE_METRICS = [
     "cat_lingo_share",
     "cat_lingo_per_100_words",
@@ -82,24 +81,7 @@ def test_the_gpu_recipe_is_sprint_1s():
 
 
 def cli(subcommand: str, root: Path, *extra: str) -> None:
-    main(
-        [
-            subcommand,
-            "--config",
-            str(REPO / "configs" / "tiny.yaml"),
-            "--trainer.logger.init_args.save_dir",
-            str(root),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.corpus",
-            str(CORPUS),
-            "--data.prompts",
-            str(PROMPTS),
-            "--data.lexicons",
-            json.dumps([str(p) for p in LEXICONS]),
-            *extra,
-        ]
-    )
+    main(tiny_args(subcommand, root, *extra))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import CORPUS, PROMPTS, REPO
+from .conftest import PROMPTS, REPO, tiny_args
 
 DDP_YAML = yaml.safe_load((REPO / "configs" / "ddp.yaml").read_text())
 
@@ -47,15 +47,8 @@ def meowdread(subcommand: str, root, *extra: str) -> str:
         "MKL_NUM_THREADS": "1",
     }
     command = [
-        sys.executable, "-m", "meowdread.cli", subcommand,
-        "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.corpus", str(CORPUS),
-        "--data.prompts", str(PROMPTS),
-        "--data.lexicons", json.dumps([str(p) for p in sorted((REPO / "data" / "lexicons").glob("*.json"))]),
-        *extra,
+        sys.executable, "-m", "meowdread.cli",
+        *tiny_args(subcommand, root, "--trainer.enable_model_summary", "false", *extra),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,7 +15,7 @@ import torch
 
 from meowdread.cli import main
 
-from .conftest import CORPUS, PROMPTS, REPO, write_jsonl
+from .conftest import REPO, tiny_args, write_jsonl
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 GOOD = json.dumps({"messages": [{"role": "user", "content": "Why sit?"}, {"role": "assistant", "content": "I fits."}]})
@@ -46,20 +46,7 @@ def case(row: str, warns: bool = False):
 
 
 def cli(subcommand: str, tmp_path, *extra: str, config: str = TINY) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        config,
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.corpus",
-        str(CORPUS),
-        "--data.prompts",
-        str(PROMPTS),
-        *extra,
-    ]
+    return tiny_args(subcommand, tmp_path / "runs", *extra, config=config)
 
 
 def corpus_with(tmp_path, second_line: str) -> str:
