@@ -37,6 +37,8 @@ def use_static_engine(model, settings: SamplingSettings) -> bool:
     if settings.engine == "hf":
         return False
     if settings.engine == "static":
+        if not fast_generation.supports(model):
+            raise ValueError("model.sampling.engine: 'static' decodes Phi-3 models only; use 'auto' or 'hf'")
         return True
     return next(model.parameters()).device.type == "cuda" and fast_generation.supports(model)
 

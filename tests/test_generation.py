@@ -141,3 +141,11 @@ def test_both_engines_stream_exactly_the_answer_they_return(tokenizer, engine):
     settings = SamplingSettings(max_new_tokens=20, do_sample=False, engine=engine)
     answer = generate(module.model, tokenizer, PROMPTS[1:2], settings, streamer=StreamWriter(tokenizer, out))[0]
     assert answer and out.getvalue() == answer
+
+
+def test_the_static_engine_refuses_a_model_it_cannot_decode(tokenizer):
+    module = fp32_module()
+    module.model.get_base_model().config.model_type = "llama"  # what supports() reads
+    with pytest.raises(ValueError, match="model.sampling.engine: 'static' decodes Phi-3 models only"):
+        generate(module.model, tokenizer, PROMPTS[:1], STATIC)
+    assert generate(module.model, tokenizer, PROMPTS[:1], SamplingSettings(max_new_tokens=4, engine="auto"))
