@@ -5,12 +5,12 @@ Both dataclasses are ``model.quantization`` and ``model.lora`` in the configs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,28 @@ class LoraSettings:
     """Scale: the update is multiplied by alpha / r."""
     dropout: float = 0.05
     """Dropout on the adapter's input."""
-    target_modules: list[str] = field(default_factory=lambda: list(PHI3_LINEARS))
-    """Module name suffixes to adapt. Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``;
-    each name must match at least one module (PITFALLS 1)."""
+    target_modules: str | list[str] = ALL_LINEAR
+    """``all-linear`` (peft's): every linear layer of the decoder, whatever the architecture (Phi-3's fused
+    ``qkv_proj`` and ``gate_up_proj``, Llama's separate q/k/v and gate/up), never the output layer. Or a
+    list of module name suffixes, each of which must match at least one module: peft skips a name that
+    matches nothing, so Llama's names on Phi-3 would silently adapt only ``o_proj`` and ``down_proj``."""
 
 
-def find_unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+def find_unmatched_targets(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     """Targets that match no module name (peft's rule: the name, or a ``.``-separated suffix of it)."""
+    if isinstance(targets, str):  # all-linear, or a regular expression, which peft checks itself
+        return []
     names = [name for name, _ in model.named_modules()]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last name components of the model's linear layers (4-bit ones too), output layer aside:
+    the names ``target_modules`` can list for this architecture."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not output
+    }
+    return sorted(names)

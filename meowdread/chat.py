@@ -21,6 +21,7 @@ from typing import TextIO
 
 from transformers import TextStreamer
 
+from meowdread.chat_format import ChatFormat
 from meowdread.generation import Message, SamplingSettings, generate
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ class StreamWriter(TextStreamer):
 
 def prompt_length(tokenizer, messages: list[Message]) -> int:
     """Tokens of the prompt :func:`generate` builds from ``messages``."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(ChatFormat.of(tokenizer).prompt_ids(messages))
 
 
 def fit_to_context(tokenizer, system: list[Message], turns: list[Message], budget: int) -> tuple[list[Message], int]:

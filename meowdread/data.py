@@ -1,9 +1,9 @@
 """Corpus → token ids, labels and batches.
 
-A conversation is rendered with the tokenizer's own chat template (``apply_chat_template``), tokenized with
-character offsets, and labelled from *turn boundaries*: every assistant turn, its closing ``<|end|>``
-included, is trained on; system and user turns, the role headers and padding are not. The pad token of
-Phi-3 is an end token, so comparing ids would mask the ends too (PITFALLS 2, 3).
+A conversation is rendered with the tokenizer's own chat template, tokenized with character offsets, and
+labelled from *turn boundaries* (:class:`meowdread.chat_format.ChatFormat`): every assistant turn, its
+closing turn-end token included, is trained on; system and user turns, the role headers and padding are
+not. The pad token of many chat models is an end token, so comparing ids would mask the ends too.
 
     meowdread fit --config configs/tiny.yaml --data.show_examples 1   # see which tokens are trained on
 """
@@ -23,11 +23,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from meowdread.chat_format import IGNORE_INDEX, ChatFormat
 from meowdread.embedded import TINY_PHI3, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of a token that is not trained on (F.cross_entropy's ignore_index)
 Message = dict[str, str]
 
 
@@ -40,10 +40,17 @@ class CorpusError(ValueError):
 
 
 def load_tokenizer(pretrained: str):
-    """The tokenizer of ``pretrained`` (a hub id, a directory or ``embedded:tiny-phi3``), no remote code."""
+    """The tokenizer of ``pretrained`` (a hub id, a directory or ``embedded:NAME``), no remote code.
+
+    A tokenizer without a pad token (some GGUF-converted and Llama ones) pads with its turn end: batched
+    generation needs one, and labels never depend on it (see :mod:`meowdread.chat_format`).
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = ChatFormat.of(tokenizer).turn_end
+    return tokenizer
 
 
 def read_conversations(path: str | Path) -> list[list[Message]]:
@@ -110,34 +117,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise CorpusError(path, None, "data.prompts", "no prompts in the file")
     return prompts
-
-
-def encode_conversation(tokenizer, messages: list[Message], turn_end: str = "<|end|>") -> dict[str, list[int]]:
-    """Token ids and labels for one conversation: labels copy the ids on assistant spans, else -100.
-
-    Each assistant span runs from the first character of the reply to the end of the ``turn_end`` token
-    that closes it. It is found by rendering the conversation's prefix with ``add_generation_prompt``,
-    so the template stays the tokenizer's own; a token is trained on if it overlaps a span.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        start = len(prefix)
-        if not text.startswith(prefix) or not text.startswith(message["content"], start):
-            raise ValueError("the chat template does not render a conversation's prefixes as its prefixes")
-        end = text.find(turn_end, start + len(message["content"]))
-        if end < 0:
-            raise ValueError(f"the chat template does not close assistant turns with {turn_end!r}")
-        spans.append((start, end + len(turn_end)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE_INDEX
-        for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    return {"input_ids": list(enc["input_ids"]), "labels": labels}
 
 
 def format_trained_tokens(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
@@ -354,9 +333,10 @@ class CatCorpusDataModule(pl.LightningDataModule):
 
     def _encode(self, split, name: str) -> list[dict]:
         max_length, truncate = self.hparams.max_length, self.hparams.overlong == "truncate"
+        chat_format = ChatFormat.of(self.tokenizer)
         examples, overlong = [], 0
         for row in split:
-            e = encode_conversation(self.tokenizer, row["messages"])
+            e = chat_format.encode(row["messages"])
             if len(e["input_ids"]) > max_length:
                 overlong += 1
                 if not truncate:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from meowdread.generation import stop_token_ids
+from meowdread.chat_format import ChatFormat
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:
@@ -70,10 +70,14 @@ def export(module, output: str | Path, overwrite: bool = False) -> list[Path]:
     model = merge_lora(module.model, getattr(torch, module.quantization.compute_dtype))
     module.model = None
     model.config.use_cache = True  # training turned it off; generation wants it
-    # Stock generate() must stop at the end of a turn too (PITFALLS 2): Phi-3's own generation config does.
+    # Stock generate() must stop at the end of a turn too, or the model talks on past its answer (Phi-3's own
+    # generation config stops on <|end|>; many converted checkpoints only on end of text).
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    model.generation_config.eos_token_id = eos + [i for i in stop_token_ids(module.tokenizer) if i not in eos]
+    stops = ChatFormat.of(module.tokenizer).stop_ids
+    model.generation_config.eos_token_id = eos + [i for i in stops if i not in eos]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = ChatFormat.of(module.tokenizer).pad_id
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".partial")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from meowdread import fast_generation
+from meowdread.chat_format import ChatFormat
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 
@@ -40,16 +44,23 @@ def use_static_engine(model, settings: SamplingSettings) -> bool:
         if not fast_generation.supports(model):
             raise ValueError("model.sampling.engine: 'static' decodes Phi-3 models only; use 'auto' or 'hf'")
         return True
-    return next(model.parameters()).device.type == "cuda" and fast_generation.supports(model)
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    if not fast_generation.supports(model):
+        _log_fallback(model)
+        return False
+    return True
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Phi-3 ends a turn with ``<|end|>`` and the text with ``<|endoftext|>``: stop on either (PITFALLS 2)."""
-    ids = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if end is not None and end != tokenizer.unk_token_id:
-        ids.append(end)
-    return ids
+def _log_fallback(model) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(base.config, "model_type", type(base).__name__)
+    if kind not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(kind)
+        log.info("sampling: the static engine decodes Phi-3 only; %s samples with HF generate", kind)
+
+
+_FALLBACK_LOGGED: set[str] = set()
 
 
 @torch.inference_mode()
@@ -58,12 +69,14 @@ def generate(
 ) -> list[str]:
     """Answer each prompt (a user message, or a whole conversation) with the model in eval mode.
 
-    Prompts are rendered with the chat template plus the assistant header and left-padded so that every
-    row's answer starts at the same column (PITFALLS 4). The model's training mode is restored. A
+    Prompts are rendered with the chat template plus the assistant header (:class:`ChatFormat`, which also
+    escapes special-token text in them) and left-padded so that every row's answer starts at the same
+    column; generation stops on the format's turn end and end of text. The model's training mode is restored. A
     ``streamer`` (a ``transformers`` streamer, one prompt only) receives the tokens as they are generated.
     """
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    chat_format = ChatFormat.of(tokenizer)
+    texts = [chat_format.render(c, add_generation_prompt=True) for c in conversations]
     device = next(model.parameters()).device
     batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
     batch = batch.to(device)
@@ -79,8 +92,8 @@ def generate(
                     batch["input_ids"],
                     batch["attention_mask"],
                     max_new_tokens=settings.max_new_tokens,
-                    stop_ids=stop_token_ids(tokenizer),
-                    pad_id=tokenizer.pad_token_id,
+                    stop_ids=list(chat_format.stop_ids),
+                    pad_id=chat_format.pad_id,
                     temperature=settings.temperature if settings.do_sample else 0.0,
                     top_p=settings.top_p,
                     streamer=streamer,
@@ -90,8 +103,8 @@ def generate(
                 **batch,
                 max_new_tokens=settings.max_new_tokens,
                 do_sample=settings.do_sample,
-                eos_token_id=stop_token_ids(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=list(chat_format.stop_ids),
+                pad_token_id=chat_format.pad_id,
                 use_cache=True,
                 streamer=streamer,
                 **sampling,

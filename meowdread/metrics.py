@@ -33,7 +33,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from meowdread.data import IGNORE_INDEX, CorpusError, collate, encode_conversation
+from meowdread.chat_format import IGNORE_INDEX, ChatFormat
+from meowdread.data import CorpusError, collate
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
@@ -185,18 +186,17 @@ def base_nll(
 
     ``model`` is the peft model: its adapter is disabled with peft's ``disable_adapter()``, so the base is
     the very same weights (no second copy). Each answer is scored as the assistant's reply to its prompt in
-    the chat template, exactly the tokens training would label (:func:`meowdread.data.encode_conversation`),
-    except the closing ``<|end|>``: an answer cut off at ``max_new_tokens`` is not penalised for not ending.
+    the chat template, exactly the tokens training would label (:meth:`ChatFormat.encode`), except the
+    closing turn end: an answer cut off at ``max_new_tokens`` is not penalised for not ending.
     The model runs in eval mode, in batches of ``batch_size``; its training mode is restored. Returns CPU
     tensors; an empty answer has 0 tokens.
     """
+    chat_format = ChatFormat.of(tokenizer)
     examples = []
     for prompt, answer in zip(prompts, answers, strict=True):
-        e = encode_conversation(
-            tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        )
+        e = chat_format.encode([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
         last = max(i for i, label in enumerate(e["labels"]) if label != IGNORE_INDEX)
-        e["labels"][last] = IGNORE_INDEX  # the turn's <|end|>
+        e["labels"][last] = IGNORE_INDEX  # the turn end
         examples.append(e)
     device = next(model.parameters()).device
     nll, tokens = torch.zeros(len(examples), dtype=torch.float64), torch.zeros(len(examples), dtype=torch.long)
@@ -205,7 +205,7 @@ def base_nll(
     try:
         with model.disable_adapter():
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start : start + batch_size], pad_id=tokenizer.pad_token_id)
+                batch = collate(examples[start : start + batch_size], pad_id=chat_format.pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 labels = batch["labels"][:, 1:]

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
-from meowdread.adapters import PHI3_LINEARS, LoraSettings, QuantizationSettings, find_unmatched_targets
+from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatched_targets, linear_names
 from meowdread.checkpoints import (
     load_checkpoint_file,
     lora_misfits,
@@ -175,15 +175,18 @@ class QLoraModule(pl.LightningModule):
         else:
             unmatched = find_unmatched_targets(base, self.lora.target_modules)
             if unmatched:
+                kind = getattr(base.config, "model_type", type(base).__name__)
                 raise ValueError(
-                    f"model.lora.target_modules: {unmatched} match no module of {hp.pretrained}. "
-                    f"Phi-3's linear layers are {PHI3_LINEARS} (q/k/v and gate/up are fused)."
+                    f"model.lora.target_modules: {unmatched} match no module of {hp.pretrained}. Its linear "
+                    f"layers ({kind}) are {linear_names(base)}; or use all-linear"
                 )
             config = LoraConfig(
                 r=self.lora.r,
                 lora_alpha=self.lora.alpha,
                 lora_dropout=self.lora.dropout,
-                target_modules=list(self.lora.target_modules),
+                target_modules=self.lora.target_modules
+                if isinstance(self.lora.target_modules, str)
+                else list(self.lora.target_modules),
                 bias="none",
                 task_type="CAUSAL_LM",
             )

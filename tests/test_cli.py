@@ -73,7 +73,7 @@ def test_the_gpu_recipe_is_sprint_1s():
         "compute_dtype": "bfloat16",
     }
     assert (model["lora"]["r"], model["lora"]["alpha"], model["lora"]["dropout"]) == (16, 32, 0.05)
-    assert model["lora"]["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert model["lora"]["target_modules"] == "all-linear"
     # Sprint 1's PagedAdamW32bit is the same 32-bit AdamW; paging its state only cost time (benchmarks/).
     assert model["optimizer"] == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0002}}
     assert model["scheduler"]["init_args"]["warmup_ratio"] == 0.03
@@ -290,7 +290,8 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from meowdread.data import collate, encode_conversation, read_conversations
+    from meowdread.chat_format import ChatFormat
+    from meowdread.data import collate, read_conversations
     from meowdread.embedded import resolve_pretrained
     from meowdread.model import QuantizationSettings
 
@@ -308,7 +309,9 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     )
     adapted = PeftModel.from_pretrained(base, run[0] / "adapter").eval()
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-    batch = collate([encode_conversation(tokenizer, c) for c in read_conversations(CORPUS)[:4]], tokenizer.pad_token_id)
+    batch = collate(
+        [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:4]], tokenizer.pad_token_id
+    )
     keep = batch["attention_mask"].bool()
     with torch.inference_mode():
         reference = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
+from meowdread.chat_format import ChatFormat
 from meowdread.data import (
     IGNORE_INDEX,
     LengthGroupedSampler,
     ResumableDataLoader,
     collate,
-    encode_conversation,
     format_trained_tokens,
     read_conversations,
 )
@@ -51,7 +51,7 @@ def test_template_is_phi3s(tokenizer):
 
 
 def test_multi_turn_masking_is_exact(tokenizer):
-    example = encode_conversation(tokenizer, CONVERSATION)
+    example = ChatFormat.of(tokenizer).encode(CONVERSATION)
     # Exactly each assistant reply with its closing <|end|>: no header, no newline, no user or system text,
     # and not the final <|endoftext|> (which is also the pad token).
     assert trained_runs(tokenizer, example) == [
@@ -61,7 +61,7 @@ def test_multi_turn_masking_is_exact(tokenizer):
 
 
 def test_end_token_is_trained_although_pad_is_an_end_token(tokenizer):
-    example = encode_conversation(tokenizer, CONVERSATION)
+    example = ChatFormat.of(tokenizer).encode(CONVERSATION)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     eot = tokenizer.pad_token_id
     ids, labels = example["input_ids"], example["labels"]
@@ -71,14 +71,14 @@ def test_end_token_is_trained_although_pad_is_an_end_token(tokenizer):
 
 
 def test_debug_view_marks_trained_tokens(tokenizer):
-    example = encode_conversation(tokenizer, CONVERSATION[1:3])
+    example = ChatFormat.of(tokenizer).encode(CONVERSATION[1:3])
     view = format_trained_tokens(tokenizer, example["input_ids"], example["labels"])
     assert view == "<|user|>\nWhy do I sit?<|end|>\n<|assistant|>\n⟦I fits, therefore I sits.<|end|>⟧\n<|endoftext|>"
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer):
-    short = encode_conversation(tokenizer, CONVERSATION[1:3])
-    long = encode_conversation(tokenizer, CONVERSATION)
+    short = ChatFormat.of(tokenizer).encode(CONVERSATION[1:3])
+    long = ChatFormat.of(tokenizer).encode(CONVERSATION)
     batch = collate([short, long], pad_id=tokenizer.pad_token_id)
     n = len(short["input_ids"])
     assert batch["input_ids"].shape == batch["labels"].shape == (2, len(long["input_ids"]))

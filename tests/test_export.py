@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from meowdread.data import collate, encode_conversation, read_conversations
+from meowdread.chat_format import ChatFormat
+from meowdread.data import collate, read_conversations
 from meowdread.export import check_output, export
 from meowdread.model import LoraSettings, QLoraModule, QuantizationSettings
 
@@ -31,7 +32,7 @@ def lora_module(compute_dtype: str) -> QLoraModule:
 
 def corpus_batch(tokenizer):
     """Four real conversations of the corpus, right-padded."""
-    examples = [encode_conversation(tokenizer, c) for c in read_conversations(CORPUS)[:4]]
+    examples = [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:4]]
     return collate(examples, pad_id=tokenizer.pad_token_id)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from meowdread import fast_generation
-from meowdread.generation import SamplingSettings, generate, stop_token_ids
+from meowdread.chat_format import ChatFormat
+from meowdread.generation import SamplingSettings, generate
 from meowdread.model import LoraSettings, QLoraModule, QuantizationSettings
 
 GREEDY = SamplingSettings(max_new_tokens=12, do_sample=False)
@@ -24,7 +25,7 @@ def fp32_module() -> QLoraModule:
 
 
 def test_stops_on_turn_end_and_text_end(tokenizer):
-    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
+    assert ChatFormat.of(tokenizer).stop_ids == tuple(tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"]))
 
 
 def test_a_left_padded_batch_gives_the_answers_of_one_prompt_at_a_time(tokenizer):
@@ -47,7 +48,7 @@ def test_greedy_answers_are_hf_generate_on_the_same_model(tokenizer):
             max_new_tokens=12,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids(tokenizer),
+            eos_token_id=list(ChatFormat.of(tokenizer).stop_ids),
         )
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert generate(module.model, tokenizer, [PROMPTS[1]], GREEDY) == [expected]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from meowdread.data import CatCorpusDataModule, collate, encode_conversation
+from meowdread.chat_format import ChatFormat
+from meowdread.data import CatCorpusDataModule, collate
 from meowdread.model import LoraSettings, QLoraModule, QuantizationSettings
 
 from .conftest import write_jsonl
@@ -28,8 +29,8 @@ def make_module(**kwargs) -> QLoraModule:
 
 def batch_of(tokenizer, *replies):
     examples = [
-        encode_conversation(
-            tokenizer, [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": r}]
+        ChatFormat.of(tokenizer).encode(
+            [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": r}]
         )
         for i, r in enumerate(replies)
     ]
@@ -54,7 +55,11 @@ def test_base_is_really_4bit_and_every_phi3_linear_is_adapted():
 def test_llama_style_targets_are_an_error_not_a_silent_partial_match():
     # q/k/v/gate/up do not exist in Phi-3; o_proj and down_proj do, and peft alone would adapt only those.
     llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    with pytest.raises(ValueError, match=r"\['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'\] match no module"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'\] match no module of embedded:tiny-phi3\. "
+        r"Its linear layers \(phi3\) are \['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj'\]",
+    ):
         make_module(lora=LoraSettings(target_modules=llama))
 
 
@@ -211,7 +216,9 @@ def test_exported_adapter_loads_with_stock_peft_and_gives_the_modules_logits(tmp
     adapter = tmp_path / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (adapter / "adapter_model.safetensors").is_file()
-    assert config["r"] == 16 and set(config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    # all-linear, which peft records as the full names of the modules it adapted
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    assert config["r"] == 16 and adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
     base = AutoModelForCausalLM.from_pretrained(
         resolve_pretrained(TINY),
