@@ -261,7 +261,8 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[Location, str, Any]]:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                raise CorpusError(path, line, None, f"{len(row)} fields, and the header has {len(header)}")
+                fields = f"{len(row)} field" + ("" if len(row) == 1 else "s")
+                raise CorpusError(path, line, None, f"{fields}, and the header has {len(header)}")
             record = dict(zip(header, row, strict=True))
             for name in json_columns:
                 try:
