@@ -3,9 +3,8 @@
 :func:`read_corpus` reads JSON lines, a JSON array, CSV, Parquet, a ``datasets.save_to_disk`` folder or a
 hub dataset id, and turns every record (``{"messages"}``, ShareGPT's ``{"conversations"}`` or
 ``{"prompt", "completion"}``) into ``{"role", "content"}`` messages, checked as the chat template needs them.
-A problem is one :class:`CorpusError` line naming the file, the line (or row) and the field. A file that is
-not what its name says (a directory, a pipe, a gzip or Parquet file named ``.jsonl``) is named for what it is.
-Text is UTF-8, with or without a byte-order mark, with ``\\n`` or ``\\r\\n`` line ends.
+A problem is one :class:`CorpusError` line naming the file, the line (or row) and the field; a file that is not
+what its name says is named for what it is (:mod:`meowdread.textfiles`).
 
     meowdread fit --config configs/tiny.yaml --data.corpus my_sharegpt.json
     meowdread fit --config configs/tiny.yaml --data.corpus org/name:train --data.format prompt_completion
@@ -13,23 +12,22 @@ Text is UTF-8, with or without a byte-order mark, with ``\\n`` or ``\\r\\n`` lin
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
 import logging
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
+
+from meowdread.textfiles import CorpusError, Location, check_regular_file, read_text, where
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Format = Literal["auto", "messages", "sharegpt", "prompt_completion"]
 Turn = tuple[str, Any, str, str]  # role, content as the record has it, the fields that hold them
-Location = int | str  # a line number, or "row 12" where the data has rows instead of lines
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
 SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -40,31 +38,9 @@ SHAPES = {
     "prompt_completion": (("prompt", "completion"), '{"prompt", "completion"}'),
 }
 JSON_COLUMNS = ("messages", "conversations")  # CSV cells that hold a list of turns as JSON text
-# What a file is, from its first bytes, when it is not text; and what to do about it.
-MAGIC = [
-    (rb"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
-    (rb"PK\x03\x04", "a zip archive", "unpack it first (unzip)"),
-    (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
-    (rb"BZh[1-9]1AY&SY", "bzip2-compressed", "decompress it first (bunzip2)"),
-    (rb"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
-    (rb"PAR1", "a Parquet file", "give it the suffix .parquet"),
-    (rb"\xff\xfe|\xfe\xff", "UTF-16 text", "save it as UTF-8"),
-]
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz", ".zip")
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-class CorpusError(ValueError):
-    """Bad input in a corpus, prompts or lexicon file; the message names the file, the line and the field.
-
-    ``line`` is a line number (``file:12: …``) or, where the data has rows rather than lines, a phrase such
-    as ``"row 12"`` (``file: row 12: …``).
-    """
-
-    def __init__(self, path: str | Path, line: Location | None, field: str | None, problem: str):
-        where = _where(path, line)
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
 
 class _Bad(Exception):
@@ -73,10 +49,6 @@ class _Bad(Exception):
     def __init__(self, field: str | None, problem: str):
         super().__init__(field, problem)
         self.field, self.problem = field, problem
-
-
-def _where(path: str | Path, line: Location | None) -> str:
-    return f"{path}:{line}" if isinstance(line, int) else f"{path}: {line}" if line else str(path)
 
 
 def read_corpus(path: str | Path, format: Format = "auto") -> list[list[Message]]:
@@ -101,7 +73,7 @@ def read_corpus(path: str | Path, format: Format = "auto") -> list[list[Message]
         if key in seen:
             first = seen[key]
             at = f"on line {first}" if isinstance(first, int) else f"in {first}"
-            log.warning("%s: duplicate of the conversation %s", _where(source, line), at)
+            log.warning("%s: duplicate of the conversation %s", where(source, line), at)
         seen.setdefault(key, line)
         conversations.append(messages)
     if not conversations:
@@ -113,65 +85,21 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line. Blank lines are skipped, and so are comments: lines whose first non-blank character
     is ``#``."""
     path = Path(path)
-    text = _read_text(path, "data.prompts")
+    text = read_text(path, "data.prompts")
     prompts = [line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise CorpusError(path, None, "data.prompts", "no prompts in the file")
     return prompts
 
 
-def _read_text(path: Path, key: str) -> str:
-    """The text of a regular file: UTF-8, a byte-order mark dropped. Anything else is named for what it is."""
-    _check_regular_file(path, key)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CorpusError(path, None, key, f"cannot read it ({err.strerror or err})") from None
-    for magic, what, fix in MAGIC:
-        if re.match(magic, data):
-            raise CorpusError(path, None, key, f"{what}, not UTF-8 text: {fix}")
-    if b"\x00" in data[:8192]:
-        raise CorpusError(path, None, key, "a binary file (it holds NUL bytes), not text")
-    body = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line, start = body.count(b"\n", 0, err.start) + 1, body.rfind(b"\n", 0, err.start) + 1
-        raise CorpusError(path, line, None, f"not valid UTF-8 ({err.reason} at byte {err.start - start})") from None
-    head = text.lstrip()[:100].lower()
-    if head.startswith("version https://git-lfs"):
-        raise CorpusError(path, None, key, "a Git LFS pointer, not the data: fetch the file itself (git lfs pull)")
-    if head.startswith(("<!doctype html", "<html")):
-        raise CorpusError(path, None, key, "an HTML page, not data: download the raw file")
-    return text
-
-
-def _check_regular_file(path: Path, key: str) -> None:
-    """A file that can be read to its end: not missing, not a directory, a pipe or a device."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CorpusError(path, None, key, "file not found") from None
-    except OSError as err:
-        raise CorpusError(path, None, key, f"cannot read it ({err.strerror or err})") from None
-    if stat.S_ISDIR(mode):
-        raise CorpusError(path, None, key, "a directory, not a file")
-    if not stat.S_ISREG(mode):
-        kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device")]
-        kind = next((name for test, name in kinds if test(mode)), "a special file (a device or a socket)")
-        raise CorpusError(path, None, key, f"{kind}, not a regular file: write the data to a file and give its path")
-
-
 def _open(corpus: str) -> tuple[str, Iterable[tuple[Location, str, Any]]]:
     """What names the corpus in errors, and its records as (line, field prefix, record)."""
     path = Path(corpus).expanduser()
     base, colon, split = corpus.rpartition(":")
-    if (
-        not path.exists() and colon and base and split and Path(base).expanduser().is_dir()
-    ):  # a save_to_disk folder and a split
-        path = Path(base).expanduser()
+    if path.exists() or not (colon and base and split and Path(base).expanduser().is_dir()):
+        split = ""  # else a save_to_disk folder and one of its splits
     else:
-        split = ""
+        path = Path(base).expanduser()
     if path.is_dir():
         return corpus, _rows(_load_from_disk(path, split, corpus))
     source = str(path)
@@ -180,7 +108,7 @@ def _open(corpus: str) -> tuple[str, Iterable[tuple[Location, str, Any]]]:
             return corpus, _rows(_load_from_hub(corpus))
     if path.suffix.lower() == ".parquet":
         return source, _rows(_read_parquet(path))
-    text = _read_text(path, "data.corpus")
+    text = read_text(path, "data.corpus")
     return source, _csv_records(path, text) if path.suffix.lower() == ".csv" else _json_records(path, text)
 
 
@@ -209,7 +137,8 @@ def _one_document(text: str) -> str:
         document = json.loads(text)
     except json.JSONDecodeError:
         return ""
-    return f": the file is one JSON {_type(document)} over {text.count(chr(10)) + 1} lines, not one record a line"
+    lines = text.rstrip().count("\n") + 1
+    return f": the file is one JSON {_type(document)} over {lines} lines, not one record a line"
 
 
 def _json_array(path: Path, text: str, i: int) -> Iterator[tuple[Location, str, Any]]:
@@ -283,7 +212,7 @@ def _read_parquet(path: Path) -> list[dict]:
     import pyarrow
     import pyarrow.parquet as pq
 
-    _check_regular_file(path, "data.corpus")
+    check_regular_file(path, "data.corpus")
     try:
         return pq.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as err:
