@@ -17,11 +17,11 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from meowdread.textfiles import CorpusError, Location, check_regular_file, read_text, where
+from meowdread.textfiles import CorpusError, Location, check_regular_file, lines, read_text, where
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def read_prompts(path: str | Path) -> list[str]:
     is ``#``."""
     path = Path(path)
     text = read_text(path, "data.prompts")
-    prompts = [line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [line.strip() for line in lines(text) if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise CorpusError(path, None, "data.prompts", "no prompts in the file")
     return prompts
@@ -119,26 +119,30 @@ def _json_records(path: Path, text: str) -> Iterator[tuple[Location, str, Any]]:
         yield from _json_array(path, text, start)
         return
     first = True
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            hint = _one_document(text) if first else ""
-            raise CorpusError(path, number, None, f"not valid JSON ({err.msg}, column {err.colno}){hint}") from None
-        first = False
-        yield number, "", record
+    for number, line in enumerate(lines(text), start=1):
+        if line.strip():
+            yield number, "", _loads(path, number, None, line, (lambda: _one_document(text)) if first else None)
+            first = False
+
+
+def _loads(path: Path, line: int, field: str | None, text: str, hint: Callable[[], str] | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        why = hint() if hint else ""
+        raise CorpusError(path, line, field, f"not valid JSON ({err.msg}, column {err.colno}){why}") from None
+    except RecursionError:
+        raise CorpusError(path, line, field, "JSON nested too deeply to be a record") from None
 
 
 def _one_document(text: str) -> str:
     """Why a JSON-lines file's first line is not JSON, when the whole file is one JSON document."""
     try:
         document = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return ""
-    lines = text.rstrip().count("\n") + 1
-    return f": the file is one JSON {_type(document)} over {lines} lines, not one record a line"
+    n_lines = text.rstrip().count("\n") + 1
+    return f": the file is one JSON {_type(document)} over {n_lines} lines, not one record a line{_nested(document)}"
 
 
 def _json_array(path: Path, text: str, i: int) -> Iterator[tuple[Location, str, Any]]:
@@ -150,6 +154,8 @@ def _json_array(path: Path, text: str, i: int) -> Iterator[tuple[Location, str, 
             record, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as err:
             raise CorpusError(path, err.lineno, None, f"not valid JSON ({err.msg}, column {err.colno})") from None
+        except RecursionError:
+            raise CorpusError(path, line + text.count("\n", counted, i), None, "JSON nested too deeply") from None
         line, counted = line + text.count("\n", counted, i), i
         yield line, f"[{index}].", record
         index, i = index + 1, JSON_SPACE.match(text, end).end()
@@ -194,10 +200,7 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[Location, str, Any]]:
                 raise CorpusError(path, line, None, f"{fields}, and the header has {len(header)}")
             record = dict(zip(header, row, strict=True))
             for name in json_columns:
-                try:
-                    record[name] = json.loads(record[name])
-                except json.JSONDecodeError as err:
-                    raise CorpusError(path, line, name, f"not valid JSON ({err.msg}, column {err.colno})") from None
+                record[name] = _loads(path, line, name, record[name])
             yield line, "", record
     except csv.Error as err:
         raise CorpusError(path, reader.line_num, None, f"not valid CSV ({err})") from None
@@ -286,19 +289,18 @@ def _detect(record: Any) -> str:
     for name, (keys, _) in SHAPES.items():
         if set(keys) <= present:
             return name
-    nested = [
-        key
-        for key, value in record.items()
-        if isinstance(value, list) and value and isinstance(value[0], dict) and _known(value[0])
-    ]
     keys = ", ".join(map(repr, record)) or "none"
     shapes = ' {"messages": [...]}, ShareGPT\'s {"conversations": [...]} or {"prompt", "completion"}'
-    hint = f"; the list under {nested[0]!r} holds records: make each one a record of the file" if nested else ""
-    raise _Bad(None, f"no known record format (keys {keys}): expected{shapes}{hint}")
+    raise _Bad(None, f"no known record format (keys {keys}): expected{shapes}{_nested(record)}")
 
 
-def _known(record: dict) -> bool:
-    return any(set(keys) <= set(record) for keys, _ in SHAPES.values())
+def _nested(document: Any) -> str:
+    """Where the records are, when a JSON object holds a list of them under a key (``{"data": [...]}``)."""
+    for key, value in document.items() if isinstance(document, dict) else ():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            if any(set(keys) <= set(value[0]) for keys, _ in SHAPES.values()):
+                return f"; the list under {key!r} holds records: make each one a record of the file"
+    return ""
 
 
 def _normalise(format: str, record: Any, why: str) -> list[Turn]:
@@ -312,7 +314,9 @@ def _normalise(format: str, record: Any, why: str) -> list[Turn]:
     if format == "messages":
         return _turns(record["messages"], "messages", ROLES, "system, user or assistant")
     if format == "sharegpt":
-        return _turns(record["conversations"], "conversations", SPEAKERS, "human, gpt or system; or user, assistant")
+        turns = _turns(record["conversations"], "conversations", SPEAKERS, "human, gpt or system; or user, assistant")
+        system = record.get("system")  # a system prompt beside the turns, as LLaMA-Factory's ShareGPT files have
+        return ([("system", system, "system", "system")] if system is not None else []) + turns
     turns = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = record[key]

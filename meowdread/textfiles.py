@@ -11,6 +11,7 @@ import re
 import stat
 from pathlib import Path
 
+LINE_END = re.compile(r"\r\n|\r|\n")  # not str.splitlines, which also splits at U+2028 and other characters
 Location = int | str  # a line number, or "row 12" where the data has rows instead of lines
 
 # What a file is, from its first bytes, when it is not text; and what to do about it.
@@ -39,6 +40,11 @@ class CorpusError(ValueError):
 
 def where(path: str | Path, line: Location | None) -> str:
     return f"{path}:{line}" if isinstance(line, int) else f"{path}: {line}" if line else str(path)
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a text, whatever its line ends: LF, CRLF or CR."""
+    return LINE_END.split(text)
 
 
 def read_text(path: Path, key: str) -> str:

@@ -67,6 +67,11 @@ def test_every_record_format_gives_the_same_messages_from_json_lines_and_a_json_
     assert read_corpus(tmp_path / "c.jsonl", format=fmt) == EXPECTED
 
 
+def test_a_sharegpt_system_prompt_beside_the_turns_opens_the_conversation(tmp_path):
+    record = {"system": SYSTEM, "conversations": RECORDS["sharegpt"][0]["conversations"][1:]}
+    assert read_corpus(write_records(tmp_path / "c.jsonl", [record])) == [CONVERSATION]
+
+
 def test_prompt_completion_takes_a_completion_string_after_a_prompt_list(tmp_path):
     record = {"prompt": CONVERSATION[:4], "completion": A2}
     assert read_corpus(write_records(tmp_path / "c.jsonl", [record])) == [CONVERSATION]
@@ -206,9 +211,33 @@ def test_a_record_in_no_known_format_says_where_its_records_are(tmp_path):
 
 def test_a_pretty_printed_object_in_a_json_lines_file_is_named(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"messages": PAIR}, indent=2), encoding="utf-8")
+    path.write_text(json.dumps({"messages": PAIR}, indent=2) + "\n", encoding="utf-8")
     lines = len(path.read_text().splitlines())
     assert error(path).endswith(f": the file is one JSON object over {lines} lines, not one record a line")
+    path.write_text(json.dumps({"version": 2, "data": RECORDS["messages"]}, indent=2), encoding="utf-8")
+    assert error(path).endswith(
+        "not one record a line; the list under 'data' holds records: make each one a record of the file"
+    )
+
+
+def test_json_nested_deeper_than_a_record_is_an_error_not_a_recursion_error(tmp_path):
+    deep = "[" * 20_000 + "]" * 20_000  # far past the recursion limit, within the CSV module's field limit
+    for name, content, where in (
+        ("c.jsonl", f'{json.dumps({"messages": PAIR})}\n{{"messages": {deep}}}\n', ":2: "),
+        ("c.json", f"[\n{json.dumps({'messages': PAIR})},\n{deep}]", ":3: "),
+        ("c.csv", f"messages\n{deep}\n", ":2: messages: "),
+    ):
+        path = tmp_path / name
+        path.write_text(content, encoding="utf-8")
+        assert error(path).startswith(f"{path}{where}JSON nested too deeply")
+
+
+def test_old_mac_line_ends_split_lines_too(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes("\r".join(json.dumps(r) for r in RECORDS["messages"]).encode())
+    assert read_corpus(path) == EXPECTED
+    path.write_bytes(b"Why sit?\rWhy here?\r")
+    assert read_prompts(path) == ["Why sit?", "Why here?"]
 
 
 @pytest.mark.parametrize(
