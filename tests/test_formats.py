@@ -5,6 +5,7 @@ import codecs
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -162,20 +163,36 @@ def test_a_save_to_disk_folder_and_a_dataset_dict_with_a_split(tmp_path):
     assert read_corpus(f"{tmp_path / 'ab'}:b") == EXPECTED
 
 
-def test_a_hub_id_loads_through_datasets_with_its_split(monkeypatch):
-    """What load_dataset gives for a cached hub dataset (offline, nothing is cached here), read by row."""
+def cache_hub_dataset(cache, repo_id: str, records: list[dict], data_dir) -> None:
+    """Leave in ``cache`` what ``load_dataset(repo_id)`` leaves there online: built here from a JSON-lines file
+    with datasets' own json builder, under the hub id's cache name (offline, no hub involved)."""
+    import shutil
+
     import datasets
 
-    asked = []
+    write_records(data_dir / "train.jsonl", records)
+    builder = datasets.load_dataset_builder(
+        "json", data_files={"train": str(data_dir / "train.jsonl")}, cache_dir=cache
+    )
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # …/json/default-…/0.0.0/<hash>
+    namespace, name = repo_id.split("/")
+    target = Path(cache) / f"{namespace}___{name}" / "default" / built.parent.name / built.name
+    shutil.copytree(built, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(arrow.with_name(arrow.name.replace("json-", f"{name}-", 1)))
 
-    def load_dataset(name, split=None):
-        asked.append((name, split))
-        return datasets.Dataset.from_list(RECORDS["sharegpt"])
 
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    assert read_corpus("cats/philosophy:train_sft") == EXPECTED
-    assert read_corpus("cats/philosophy") == EXPECTED
-    assert asked == [("cats/philosophy", "train_sft"), ("cats/philosophy", None)]
+def test_a_hub_id_in_the_local_cache_loads_offline_with_its_split(tmp_path, monkeypatch):
+    import datasets
+
+    cache_hub_dataset(tmp_path / "cache", "cats/philosophy", RECORDS["sharegpt"], tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    assert datasets.config.HF_HUB_OFFLINE  # conftest: nothing may come from the hub
+    assert read_corpus("cats/philosophy") == read_corpus("cats/philosophy:train") == EXPECTED
+    assert error("cats/philosophy:test").startswith(
+        'cats/philosophy:test: data.corpus: datasets.load_dataset failed (Unknown split "test"'
+    )
 
 
 def test_a_hub_id_that_is_not_cached_offline_is_one_error():
