@@ -291,8 +291,9 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     from transformers import AutoModelForCausalLM
 
     from meowdread.chat_format import ChatFormat
-    from meowdread.data import collate, read_conversations
+    from meowdread.data import collate
     from meowdread.embedded import resolve_pretrained
+    from meowdread.formats import read_corpus
     from meowdread.model import QuantizationSettings
 
     root, out = run[0].parent.parent, tmp_path / "exported"
@@ -309,9 +310,7 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     )
     adapted = PeftModel.from_pretrained(base, run[0] / "adapter").eval()
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-    batch = collate(
-        [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:4]], tokenizer.pad_token_id
-    )
+    batch = collate([ChatFormat.of(tokenizer).encode(c) for c in read_corpus(CORPUS)[:4]], tokenizer.pad_token_id)
     keep = batch["attention_mask"].bool()
     with torch.inference_mode():
         reference = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()
