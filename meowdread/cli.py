@@ -10,6 +10,13 @@ and ``export`` (:mod:`meowdread.chat`, :mod:`meowdread.export`), which read the 
 ``--ckpt_path last`` means the ``last.ckpt`` of the newest run under the logger's directory; ``fit`` then
 resumes that run in its own directory, so its TensorBoard curves continue.
 
+``--model`` and ``--data`` take a subclass of :class:`~meowdread.model.QLoraModule` or
+:class:`~meowdread.data.CatCorpusDataModule` (LightningCLI's subclass mode), the shipped classes by default::
+
+    meowdread fit --config configs/tiny.yaml --model examples.neftune.NEFTuneModule --model.noise_alpha 5
+
+Configs keep their flat ``model:`` and ``data:`` keys; a stacked config swaps a class with ``class_path``.
+
 Bad input is one line on stderr and exit code 2 (``MEOWDREAD_DEBUG=1`` for the traceback); the settings are
 checked (:mod:`meowdread.checks`) before the model loads. Checkpoints are written atomically and loaded
 weights-only, and Ctrl-C during ``fit`` saves one (:mod:`meowdread.checkpoints`).
@@ -17,8 +24,10 @@ weights-only, and Ctrl-C during ``fit`` saves one (:mod:`meowdread.checkpoints`)
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError, RawDescriptionHelpFormatter
@@ -48,7 +57,16 @@ def find_last_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class MeowCLI(LightningCLI):
+    """LightningCLI in subclass mode, with the given module and data module classes as the defaults."""
+
+    def __init__(self, model_class=QLoraModule, datamodule_class=CatCorpusDataModule, **kwargs):
+        super().__init__(model_class, datamodule_class, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
+
     def init_parser(self, **kwargs):
         # Raise parse errors instead of printing the whole usage: parse_arguments makes them one line.
         kwargs.setdefault("exit_on_error", False)
@@ -61,15 +79,38 @@ class MeowCLI(LightningCLI):
             args = sys.argv[1:] if args is None else args
             subcommand = next((a for a in args if a in self.subcommands()), None)
             known = [a.dest for a in (self._parser(subcommand) if subcommand else parser)._actions]
-            raise explain_parse_error(str(err), args, known) from None
+            raise explain_parse_error(str(err), args, known + self._class_keys(str(err))) from None
+
+    @staticmethod
+    def _class_keys(message: str) -> list[str]:
+        """The flat option names (``model.lora.r``) of the module or data class a parse error is about."""
+        found = re.match(r'Parser key "(model|data)":.*?Problem with given class_path \'([\w.]+)\'', message, re.S)
+        if not found:
+            return []
+        from jsonargparse import ArgumentParser
+
+        module, _, name = found.group(2).rpartition(".")
+        try:
+            inner = ArgumentParser(exit_on_error=False)
+            inner.add_class_arguments(getattr(importlib.import_module(module), name), fail_untyped=False)
+        except (ImportError, AttributeError, ValueError):
+            return []
+        return [f"{found.group(1)}.{action.dest}" for action in inner._actions]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the configured model settings with the checkpoint's; here the configuration
         stays the truth, and ``check_checkpoint`` refuses a checkpoint that does not fit it."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # A config's flat ``model:`` and ``data:`` keys are init args of these unless it names a class_path.
+        parser.set_defaults(
+            {
+                "model": {"class_path": class_path(self._model_class)},
+                "data": {"class_path": class_path(self._datamodule_class)},
+            }
+        )
         # The tokenizer must be the model's own.
-        parser.link_arguments("model.pretrained", "data.pretrained")
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -113,8 +154,6 @@ class ToolCLI(MeowCLI):
             # LightningCLI warns when given args while sys.argv has some: here args are sys.argv minus the tool.
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
             super().__init__(
-                QLoraModule,
-                CatCorpusDataModule,
                 save_config_callback=None,
                 run=False,
                 args=args,
@@ -182,8 +221,6 @@ def main(args: list[str] | None = None) -> None:
             cli.tool.run(cli)
         else:
             MeowCLI(
-                QLoraModule,
-                CatCorpusDataModule,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={"callbacks": [SaveOnInterrupt()]},
                 parser_kwargs={
