@@ -194,7 +194,10 @@ def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[
     if unknown:
         key = unknown.group(1) or unknown.group(2)
         close = difflib.get_close_matches(key, list(known_keys), n=1, cutoff=0.75)
-        problem = "unknown option" + (f" (did you mean {close[0]}?)" if close else "; see --help")
+        section = key.split(".")[0] if key.startswith(("model.", "data.")) else ""  # their options: --model.help
+        problem = "unknown option" + (
+            f" (did you mean {close[0]}?)" if close else f"; see --{section}{'.' * bool(section)}help"
+        )
         return ConfigError(key, problem, _source(key, args))
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if not keys:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -57,6 +57,14 @@ def find_last_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class _Parser(LightningArgumentParser):
+    """Options must be spelled out: ``--model.lora.rank`` would otherwise be taken for ``rank_pattern``. The
+    parsers of the model and data classes are of their parent's class, so they refuse abbreviations too."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -65,7 +73,14 @@ class MeowCLI(LightningCLI):
     """LightningCLI in subclass mode, with the given module and data module classes as the defaults."""
 
     def __init__(self, model_class=QLoraModule, datamodule_class=CatCorpusDataModule, **kwargs):
-        super().__init__(model_class, datamodule_class, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
+        super().__init__(
+            model_class,
+            datamodule_class,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=_Parser,
+            **kwargs,
+        )
 
     def init_parser(self, **kwargs):
         # Raise parse errors instead of printing the whole usage: parse_arguments makes them one line.
@@ -131,6 +146,16 @@ class MeowCLI(LightningCLI):
             init.version = last.parent.parent.name
         print(f"--ckpt_path last: {last}", file=sys.stderr)
         return last
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # In subclass mode, jsonargparse reports an error of the module's or data module's __init__ as one
+            # alternative of a union that did not validate; the error itself is the cause.
+            if "Does not validate against any of the Union subtypes" in str(err) and err.__cause__ is not None:
+                raise err.__cause__ from None
+            raise
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -215,6 +240,10 @@ def main(args: list[str] | None = None) -> None:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = sys.argv[1:] if args is None else args
+    # A class path such as --model my_pkg.MyModule imports from the working directory, as under `python -m`;
+    # appended last, so that nothing there shadows an installed module.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         if argv and argv[0] in TOOLS:
             cli = ToolCLI(argv[0], argv[1:])

@@ -3,6 +3,10 @@
 The runs are short (a few batches of the tiny model, two prompts to sample): enough for each effect to show.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
@@ -48,7 +52,10 @@ def prompts(tmp_path_factory):
 
 def example(subcommand, root, prompts, *configs: str, extra=()) -> list[str]:
     stacked = [arg for name in configs for arg in ("--config", str(EXAMPLES / name))]
-    return tiny_args(subcommand, root, *stacked, "--data.prompts", prompts, *extra)
+    # default_root_dir: where a fast_dev_run (which has no logger) would put its checkpoints directory
+    return tiny_args(
+        subcommand, root, *stacked, "--data.prompts", prompts, "--trainer.default_root_dir", str(root), *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +148,21 @@ def test_a_prompt_completion_corpus_trains_on_the_completions(tmp_path, prompts,
     out = capsys.readouterr().out
     assert "<|assistant|>\n⟦" in out and "<|end|>⟧" in out
     assert "<|user|>\n⟦" not in out  # the prompt is not trained on
+
+
+def test_the_console_script_imports_a_class_path_from_the_working_directory(tmp_path):
+    """``meowdread`` is an installed script: its own directory, not the working one, starts ``sys.path``."""
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "mine.py").write_text(
+        "from meowdread.model import QLoraModule\n\n\nclass Mine(QLoraModule):\n"
+        "    def __init__(self, mine: int = 1, **kwargs):\n        super().__init__(**kwargs)\n"
+    )
+    script = tmp_path / "bin" / "meowdread"
+    script.parent.mkdir()
+    script.write_text("from meowdread.cli import main\n\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's meowdread, and nothing of tmp_path
+    args = ["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--model", "my_pkg.mine.Mine", "--print_config"]
+    done = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = yaml.safe_load(done.stdout)["model"]
+    assert model["class_path"] == "my_pkg.mine.Mine" and model["init_args"]["mine"] == 1
