@@ -68,8 +68,6 @@ def _samples(callback: Any) -> bool:
     """Whether a configured callback is a :class:`meowdread.callbacks.SampleCallback` or a subclass of one."""
     from meowdread.callbacks import SampleCallback
 
-    if isinstance(callback, SampleCallback):
-        return True
     module, _, name = _class_path(callback).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name) if module else None

@@ -65,7 +65,7 @@ class _Parser(LightningArgumentParser):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
 
-def class_path(cls: type) -> str:
+def _import_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -120,8 +120,8 @@ class MeowCLI(LightningCLI):
         # A config's flat ``model:`` and ``data:`` keys are init args of these unless it names a class_path.
         parser.set_defaults(
             {
-                "model": {"class_path": class_path(self._model_class)},
-                "data": {"class_path": class_path(self._datamodule_class)},
+                "model": {"class_path": _import_path(self._model_class)},
+                "data": {"class_path": _import_path(self._datamodule_class)},
             }
         )
         # The tokenizer must be the model's own.
