@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from meowdread.data import IGNORE_INDEX
+from meowdread.chat_format import IGNORE_INDEX
 from meowdread.model import QLoraModule
 
 
