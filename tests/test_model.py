@@ -73,7 +73,7 @@ def test_the_step_drops_the_padding_mask_without_changing_a_trained_logit(tokeni
         masked = module(batch["input_ids"], batch["attention_mask"])
         unmasked = module(batch["input_ids"], None)
         loss, _ = module.model_step(batch, "train")
-        expected, _ = module.compute_loss(masked, batch)
+        expected, _ = module.compute_loss(masked, batch, "train")
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(unmasked[real], masked[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
