@@ -44,8 +44,10 @@ def test_every_config_parses_and_says_how_to_run_it(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert "pretrained" not in resolved["data"]  # linked to model.pretrained: the tokenizer is the model's
-    assert resolved["model"]["trust_remote_code"] is False
+    assert resolved["model"]["class_path"] == "meowdread.model.QLoraModule"  # the default in subclass mode
+    assert resolved["data"]["class_path"] == "meowdread.data.CatCorpusDataModule"
+    assert "pretrained" not in resolved["data"]["init_args"]  # linked to model.pretrained: the model's tokenizer
+    assert resolved["model"]["init_args"]["trust_remote_code"] is False
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

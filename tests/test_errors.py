@@ -226,6 +226,21 @@ def _(tmp_path):
     return cli("fit", tmp_path, "--model.lora.target_modules", "[q_proj, v_proj]")
 
 
+@case("a LoRA option that peft does not have")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.extra", '{"use_dorra": true}')
+
+
+@case("an unknown `init_lora_weights`")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.init_lora_weights", "pisa")
+
+
+@case("LoRA options that peft refuses together")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.use_dora", "true", "--model.lora.lora_bias", "true")
+
+
 @case("a model path that does not exist")
 def _(tmp_path):
     return cli("fit", tmp_path, "--model.pretrained", str(tmp_path / "phi3"))
@@ -406,4 +421,7 @@ def test_the_debug_variable_gives_the_traceback(tmp_path, monkeypatch):
 def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"])
+    assert exit_.value.code == 0 and "--model.help" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # the options of the module and data classes (subclass mode)
+        main(["fit", "--data.help"])
     assert exit_.value.code == 0 and "--data.corpus" in capsys.readouterr().out
