@@ -160,6 +160,8 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
     configured = model.lora
     for key in ("r", "alpha", "target_modules"):
         before, now = saved.get(key), configured.get(key)
+        if key == "target_modules" and (isinstance(before, str) or isinstance(now, str)):
+            continue  # all-linear names no list: the load compares the adapted module names themselves
         same = sorted(before) == sorted(now) if key == "target_modules" and before else before == now
         if before is not None and not same:
             raise ConfigError(

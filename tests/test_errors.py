@@ -324,7 +324,7 @@ def other_base(tmp_path_factory, embedded_cache):
     module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0))
     module.configure_model()
     module.export_adapter(root / "adapter")
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     torch.save(
         {
             "state_dict": {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()},
