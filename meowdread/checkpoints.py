@@ -19,6 +19,8 @@ The CLI installs the first two for every run:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import pickle
 import random
@@ -27,6 +29,7 @@ import signal
 import sys
 import threading
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +212,21 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with dataclasses as dicts, tuples as lists and classes or functions as their import paths:
+    what ``torch.load(weights_only=True)`` and ``hparams.yaml`` can hold."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_values(v) for v in value]
+    if isinstance(value, functools.partial):
+        return {"class_path": plain_values(value.func), "init_args": plain_values(value.keywords)}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)

@@ -222,6 +222,9 @@ def _unwrap_subclass_error(message: str) -> str:
     group = re.fullmatch(r"Group '([^']+)' does not accept option '([^']+)'", inner)
     if group:
         return f"does not accept option '{prefix}.{group.group(1)}.{group.group(2)}'"
+    option = re.fullmatch(r"Option '([^']+)' is not accepted", inner)  # a key of the section itself
+    if option:
+        return f"does not accept option '{prefix}.{option.group(1)}'"
     if inner.startswith("unrecognized arguments: --"):
         return inner.replace("--", f"--{prefix}.", 1)
     if inner.startswith('Parser key "'):

@@ -12,15 +12,13 @@ options and hyperparameters (see ``examples/``).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +32,7 @@ from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatche
 from meowdread.checkpoints import (
     load_checkpoint_file,
     lora_misfits,
+    plain_values,
     rng_states,
     saved_checkpoints,
     set_rng_states,
@@ -402,24 +401,6 @@ class QLoraModule(pl.LightningModule):
         staging.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
         return directory
-
-
-def plain_values(value: Any) -> Any:
-    """``value`` with dataclasses as dicts, tuples as lists and classes or functions as their import paths:
-    what ``torch.load(weights_only=True)`` and ``hparams.yaml`` can hold."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain_values(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain_values(v) for v in value]
-    if isinstance(value, functools.partial):
-        return {"class_path": plain_values(value.func), "init_args": plain_values(value.keywords)}
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{value.__module__}.{value.__qualname__}"
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return repr(value)
 
 
 def adapter_base(adapter: str | Path) -> str:

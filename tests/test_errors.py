@@ -425,3 +425,12 @@ def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_:  # the options of the module and data classes (subclass mode)
         main(["fit", "--data.help"])
     assert exit_.value.code == 0 and "--data.corpus" in capsys.readouterr().out
+
+
+def test_an_unknown_key_of_the_data_section_is_named_with_its_file(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("data:\n  batch_sise: 4\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml")))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'mine.yaml'}: data.batch_sise: unknown option (did you mean data.batch_size?)" in err
