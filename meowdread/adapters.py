@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from meowdread.ranges import ConfigError, check_fields
+
 ALL_LINEAR = "all-linear"
 
 
@@ -54,6 +56,11 @@ class LoraSettings:
     ``qkv_proj`` and ``gate_up_proj``, Llama's separate q/k/v and gate/up), never the output layer. Or a
     list of module name suffixes, each of which must match at least one module: peft skips a name that
     matches nothing, so Llama's names on Phi-3 would silently adapt only ``o_proj`` and ``down_proj``."""
+
+    def __post_init__(self):
+        check_fields(self, "model.lora")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
 
 
 def find_unmatched_targets(model: torch.nn.Module, targets: str | list[str]) -> list[str]:

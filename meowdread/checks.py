@@ -12,8 +12,11 @@ errors (an unknown key, a value of the wrong type), which would otherwise print 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,26 +28,26 @@ import yaml
 from meowdread.checkpoints import load_checkpoint_file
 from meowdread.data import read_prompts
 from meowdread.embedded import EMBEDDED_PREFIX
+from meowdread.model_files import check_model_files
+from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
 
 log = logging.getLogger(__name__)
 
 CPU_HINT = "this machine has no CUDA GPU: on this machine use configs/tiny.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message names the file it comes from, where there is one, and the key."""
-
-    def __init__(self, key: str, problem: str, path: str | Path | None = None):
-        super().__init__(f"{path}: {key}: {problem}" if path else f"{key}: {problem}")
+# Free space a run directory's disk must have before fit starts: one Phi-3-mini checkpoint at LoRA r 16 is
+# 300 MB, its adapter 100 MB. MEOWDREAD_MIN_FREE_MB overrides it (0 turns the check off).
+MIN_FREE_MB = 512
 
 
 def check_config(subcommand: str | None, config: Any) -> None:
     """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``); ``subcommand`` is
     None for ``chat`` and ``export``, which write no run directory."""
+    check_ranges(config)
     check_cuda_settings(config)
+    check_machine(config)
     if subcommand is not None:
-        check_output_dir(config)
-    check_pretrained(config.model.pretrained)
+        check_output_dir(config, need_space=subcommand == "fit")
+    check_pretrained(option(config, "model.pretrained"))
     check_adapter(config.model.get("adapter"))
     callbacks = config.trainer.get("callbacks") or []
     samples = any(str(getattr(c, "class_path", "")).endswith("SampleCallback") for c in callbacks)
@@ -73,8 +76,68 @@ def check_cuda_settings(config: Any) -> None:
         )
 
 
-def check_output_dir(config: Any) -> None:
-    """The run directory's parent must be writable: found out now, not when the first checkpoint is due."""
+def check_ranges(config: Any) -> None:
+    """Every numeric option inside its range (:data:`meowdread.ranges.RANGES`), callbacks' options included."""
+    for key in RANGES:
+        if key == "model.sampling.temperature" and option(config, "model.sampling.do_sample") is False:
+            continue  # greedy decoding ignores it
+        check_value(key, option(config, key))
+    if option(config, "model.lora.target_modules") == []:
+        raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
+    for i, callback in enumerate(option(config, "trainer.callbacks") or []):
+        ranges = CALLBACK_RANGES.get(_class_path(callback).rsplit(".", 1)[-1], {})
+        for name, range_ in ranges.items():
+            check_value(f"trainer.callbacks[{i}].init_args.{name}", option(callback, f"init_args.{name}"), range_)
+
+
+def _on_cpu(config: Any) -> bool:
+    accelerator = _class_path(config.trainer.get("accelerator")).lower()
+    return accelerator == "cpu" or accelerator.endswith("cpuaccelerator") or not torch.cuda.is_available()
+
+
+def check_machine(config: Any) -> None:
+    """Options this machine cannot honour: a package that is not installed, a feature its device lacks."""
+    precision = str(config.trainer.get("precision"))
+    if _on_cpu(config) and precision in ("16", "16-mixed"):
+        raise ConfigError("trainer.precision", f"{precision!r} (fp16 autocast) needs CUDA: on the CPU use bf16-mixed")
+    devices = config.trainer.get("devices")
+    if not _on_cpu(config) and isinstance(devices, int) and devices > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError("trainer.devices", f"{devices} GPUs asked for, and this machine has {count}")
+    if option(config, "model.compile") is True:
+        if _on_cpu(config):
+            raise ConfigError("model.compile", f"true compiles for CUDA, and {CPU_HINT} (or model.compile false)")
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("model.compile", "true needs Triton: pip install triton, or model.compile false")
+    check_attention(str(option(config, "model.attn_implementation")), on_cpu=_on_cpu(config))
+
+
+def check_attention(name: str, on_cpu: bool) -> None:
+    """A transformers attention backend that exists and, for FlashAttention, is installed and has a GPU."""
+    if name in ("sdpa", "eager", "None") or "/" in name:  # org/name: a kernel from the hub, transformers' to load
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils import import_utils
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if name not in known:
+        raise ConfigError("model.attn_implementation", f"unknown backend {name!r} (one of {', '.join(known)})")
+    version = re.fullmatch(r"flash_attention_(\d)", name)
+    if version:
+        if on_cpu:
+            raise ConfigError("model.attn_implementation", f"{name!r} needs CUDA, and {CPU_HINT} (or sdpa)")
+        available = getattr(import_utils, f"is_flash_attn_{version.group(1)}_available", lambda: False)
+        if not available():
+            package = "flash-attn" if version.group(1) == "2" else f"FlashAttention-{version.group(1)}"
+            raise ConfigError(
+                "model.attn_implementation",
+                f"{name!r} needs the {package} package, which is not installed here: install it, or use sdpa",
+            )
+
+
+def check_output_dir(config: Any, need_space: bool = False) -> None:
+    """The run directory's parent must be writable, and for ``fit`` have room for checkpoints: found out now,
+    not when the first checkpoint is due."""
     logger = config.trainer.get("logger")
     init = logger.get("init_args") if hasattr(logger, "get") else None
     if init is not None and init.get("save_dir") is not None:
@@ -87,6 +150,15 @@ def check_output_dir(config: Any) -> None:
             pass
     except OSError as err:
         raise ConfigError(key, f"cannot write here ({err.strerror or err})", path) from None
+    need = int(os.environ.get("MEOWDREAD_MIN_FREE_MB", MIN_FREE_MB))
+    free = shutil.disk_usage(path).free // 2**20
+    if need_space and free < need:
+        raise ConfigError(
+            key,
+            f"{free} MB free on this disk, and fit needs {need} MB for checkpoints and the adapter: free some "
+            "space, or choose another save_dir (MEOWDREAD_MIN_FREE_MB sets the minimum)",
+            path,
+        )
 
 
 def check_pretrained(pretrained: str) -> None:
@@ -95,8 +167,7 @@ def check_pretrained(pretrained: str) -> None:
         return  # built on demand; an unknown name is reported by meowdread.embedded
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError("model.pretrained", "not a model directory (it has no config.json)", path)
+        check_model_files(path)
         return
     if pretrained.startswith(("/", ".", "~")) or pretrained.count("/") != 1:
         raise ConfigError("model.pretrained", "does not exist (and it is not a hub id org/name)", pretrained)
