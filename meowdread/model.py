@@ -27,6 +27,8 @@ from torchmetrics import MeanMetric
 
 from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatched_targets, linear_names
 from meowdread.checkpoints import (
+    WriteError,
+    is_disk_full,
     load_checkpoint_file,
     lora_misfits,
     rng_states,
@@ -394,8 +396,14 @@ class QLoraModule(pl.LightningModule):
         self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
+        try:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+        except Exception as err:  # a full disk surfaces as OSError, or safetensors' own error
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) or is_disk_full(err):
+                raise WriteError(staging, err) from err
+            raise
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)
