@@ -98,4 +98,3 @@ def small_disk(tmp_path):
     yield mount
     for directory in mounts:
         subprocess.run(["umount", "-l", str(directory)], check=False)
-

@@ -5,9 +5,7 @@ row's (``…`` stands for any text), so the table stays true.
 """
 
 import inspect
-import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,38 +13,14 @@ import torch
 
 from meowdread.cli import main
 
-from .conftest import REPO, tiny_args, write_jsonl
-
-TINY = str(REPO / "configs" / "tiny.yaml")
-GOOD = json.dumps({"messages": [{"role": "user", "content": "Why sit?"}, {"role": "assistant", "content": "I fits."}]})
+from . import settings_cases  # noqa: F401 (registers the rows of settings, machines, disks and model files)
+from .conftest import REPO, write_jsonl
+from .error_table import CASES, GOOD, case, cli, needs_no_cuda, readme_rows
 
 
 @pytest.fixture(autouse=True)
 def bare_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["meowdread"])
-
-
-def readme_rows() -> dict[str, str]:
-    """``input`` → ``message`` of the README's troubleshooting table."""
-    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Troubleshooting\n")[1].split("\n## ")[0]
-    rows = [re.fullmatch(r"\| (.+?) \| `(.+?)` \| .+ \|", line) for line in section.splitlines()]
-    return {row.group(1): row.group(2) for row in rows if row}
-
-
-# README row → (build, warns): build(tmp_path, *fixtures it names) gives the CLI args; a row that warns runs.
-CASES: dict[str, tuple[Callable[..., list[str]], bool]] = {}
-
-
-def case(row: str, warns: bool = False):
-    def register(build):
-        CASES[row] = (build, warns)
-        return build
-
-    return register
-
-
-def cli(subcommand: str, tmp_path, *extra: str, config: str = TINY) -> list[str]:
-    return tiny_args(subcommand, tmp_path / "runs", *extra, config=config)
 
 
 def corpus_with(tmp_path, second_line: str) -> str:
@@ -152,11 +126,6 @@ def _(tmp_path):
 @case("a hub id that is not downloaded, offline")
 def _(tmp_path):
     return cli("fit", tmp_path, "--model.pretrained", "meowdread-tests/not-a-model")
-
-
-def needs_no_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
 
 
 @case("the GPU recipe without CUDA")
@@ -283,124 +252,6 @@ def _(tmp_path):
     args = cli("fit", tmp_path)
     args[args.index("--trainer.logger.init_args.save_dir") + 1] = str(tmp_path / "file" / "runs")
     return args
-
-
-def option_case(row: str, *extra: str, subcommand: str = "fit") -> None:
-    case(row)(lambda tmp_path: cli(subcommand, tmp_path, *extra))
-
-
-option_case("`data.batch_size` 0", "--data.batch_size", "0")
-option_case("`model.lora.r` 0", "--model.lora.r", "0")
-option_case("LoRA dropout outside [0, 1)", "--model.lora.dropout", "1.5")
-option_case("LoRA alpha 0", "--model.lora.alpha", "0")
-option_case("an empty `target_modules`", "--model.lora.target_modules", "[]")
-option_case("a learning rate of 0 or less", "--model.optimizer.init_args.lr", "-0.001")
-option_case("warm-up outside [0, 1)", "--model.scheduler.init_args.warmup_ratio", "1.0")
-option_case("sampling temperature 0 or less", "--model.sampling.temperature", "0", subcommand="predict")
-option_case("`top_p` outside (0, 1]", "--model.sampling.top_p", "2", subcommand="predict")
-option_case("`max_new_tokens` 0", "--model.sampling.max_new_tokens", "0", subcommand="predict")
-option_case("a negative seed", "--data.seed", "-1")
-option_case("a negative number of workers", "--data.num_workers", "-1")
-option_case("`max_length` under 2", "--data.max_length", "1")
-option_case("`val_fraction` outside (0, 1)", "--data.val_fraction", "0")
-option_case("`accumulate_grad_batches` 0", "--trainer.accumulate_grad_batches", "0")
-option_case("a negative `gradient_clip_val`", "--trainer.gradient_clip_val", "-1")
-option_case("`max_epochs` 0", "--trainer.max_epochs", "0")
-option_case("`max_steps` 0", "--trainer.max_steps", "0")
-option_case("`limit_train_batches` 0", "--trainer.limit_train_batches", "0")
-option_case("an unknown attention backend", "--model.attn_implementation", "sdpaa")
-
-
-@case("a callback option out of range")
-def _(tmp_path):
-    (tmp_path / "mine.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: meowdread.callbacks.SampleCallback\n"
-        "      init_args:\n        num_prompts: 0\n",
-        encoding="utf-8",
-    )
-    return cli("fit", tmp_path, "--config", str(tmp_path / "mine.yaml"))
-
-
-@case("FlashAttention without CUDA")
-def _(tmp_path):
-    needs_no_cuda()
-    return cli("fit", tmp_path, "--model.attn_implementation", "flash_attention_2")
-
-
-@case("`model.compile true` without CUDA")
-def _(tmp_path):
-    needs_no_cuda()
-    return cli("fit", tmp_path, "--model.compile", "true")
-
-
-@case("fp16 precision on the CPU")
-def _(tmp_path):
-    return cli("fit", tmp_path, "--trainer.precision", "16-mixed")
-
-
-def save_dir_on(args: list[str], directory) -> list[str]:
-    args[args.index("--trainer.logger.init_args.save_dir") + 1] = str(directory)
-    return args
-
-
-@case("a disk with too little free space")
-def _(tmp_path, small_disk):
-    return save_dir_on(cli("fit", tmp_path), small_disk(2) / "runs")
-
-
-def full_disk_config(tmp_path, disk, when: str) -> str:
-    """Checkpoints on ``disk`` after every step, and the disk filled at ``when`` (tests/disk.py)."""
-    checkpoint = {"every_n_train_steps": 1, "save_top_k": 0, "save_last": True, "enable_version_counter": False}
-    callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint | {"dirpath": str(disk)}},
-        {"class_path": "tests.disk.FillTheDisk", "init_args": {"directory": str(disk), "when": when}},
-    ]
-    trainer = {"callbacks": callbacks, "max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 0}
-    (tmp_path / "disk.yaml").write_text(json.dumps({"trainer": trainer}), encoding="utf-8")
-    return str(tmp_path / "disk.yaml")
-
-
-@case("a full disk while saving a checkpoint")
-def _(tmp_path, small_disk, monkeypatch):
-    monkeypatch.setenv("MEOWDREAD_MIN_FREE_MB", "0")  # the disk is filled after the start
-    disk = small_disk(16)
-    return cli("fit", tmp_path, "--config", full_disk_config(tmp_path, disk, "first_checkpoint"))
-
-
-@case("a full disk while exporting the adapter")
-def _(tmp_path, small_disk, monkeypatch):
-    monkeypatch.setenv("MEOWDREAD_MIN_FREE_MB", "0")
-    disk = small_disk(16)
-    args = cli("fit", tmp_path, "--config", full_disk_config(tmp_path, disk / "checkpoints", "train_end"))
-    return save_dir_on(args, disk)
-
-
-@pytest.fixture
-def incomplete_model(tmp_path, embedded_cache):
-    """The tiny Phi-3 copied to a directory, with its second layer's tensors left out of the weights."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from meowdread.embedded import resolve_pretrained
-
-    model = tmp_path / "incomplete"
-    shutil.copytree(resolve_pretrained("embedded:tiny-phi3"), model)
-    weights = load_file(model / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, model / "model.safetensors")
-    return model
-
-
-@case("a model directory with weights missing")
-def _(tmp_path, incomplete_model):
-    return cli("fit", tmp_path, "--model.pretrained", str(incomplete_model))
-
-
-@case("a model directory without a tokenizer")
-def _(tmp_path, incomplete_model):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (incomplete_model / name).unlink()
-    return cli("fit", tmp_path, "--model.pretrained", str(incomplete_model))
 
 
 def test_every_readme_row_has_a_case_and_every_case_a_row():
