@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from meowdread.checkpoints import load_checkpoint_file
-from meowdread.data import read_prompts
-from meowdread.embedded import EMBEDDED_PREFIX
+from meowdread.data import load_tokenizer, read_prompts
+from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
 from meowdread.model_files import check_model_files
 from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
 
@@ -50,9 +50,15 @@ def check_config(subcommand: str | None, config: Any) -> None:
     check_pretrained(option(config, "model.pretrained"))
     check_adapter(config.model.get("adapter"))
     callbacks = config.trainer.get("callbacks") or []
-    samples = any(str(getattr(c, "class_path", "")).endswith("SampleCallback") for c in callbacks)
+    samples = any(_is_sample_callback(c) for c in callbacks)
     if subcommand == "predict" or (subcommand == "fit" and samples):
-        read_prompts(config.data.prompts)
+        prompts = read_prompts(config.data.prompts)
+        new_tokens = [option(config, "model.sampling.max_new_tokens")]
+        if subcommand == "fit":  # the callback's own max_new_tokens, where it sets one
+            new_tokens = [
+                option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _is_sample_callback(c)
+            ]
+        check_prompt_lengths(prompts, config.data.prompts, option(config, "model.pretrained"), new_tokens)
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
         check_checkpoint(ckpt_path, config.model)
@@ -179,6 +185,52 @@ def check_pretrained(pretrained: str) -> None:
             "no such local directory, and as a hub id it is not in the Hugging Face cache, which is all "
             "HF_HUB_OFFLINE=1 allows: download it once online, or give a local directory",
             pretrained,
+        )
+
+
+def _is_sample_callback(callback: Any) -> bool:
+    return _class_path(callback).endswith("SampleCallback")
+
+
+def check_prompt_lengths(prompts: list[str], path: str, pretrained: str, new_tokens: list[Any]) -> None:
+    """Every prompt, in the chat template, must leave room in the model's context for the answer.
+
+    ``predict`` and the sample callback refuse a prompt that does not fit instead of cutting it (which would
+    answer another question): one warning per such prompt, with its number, then the error."""
+    if pretrained.startswith(EMBEDDED_PREFIX) and pretrained != TINY_PHI3:
+        return  # building the embedded stand-in is the data module's work (once, under DDP)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+    except (OSError, ValueError):
+        return  # not available offline: transformers says so when the model loads
+    context = getattr(config, "max_position_embeddings", None)
+    new = max([n for n in new_tokens if isinstance(n, int)], default=0)
+    if not context:
+        return
+    tokenizer = load_tokenizer(pretrained)
+    too_long = []
+    for number, prompt in enumerate(prompts, start=1):
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if length + new > context:
+            log.warning(
+                "%s: prompt %d is %d tokens in the chat template; %d are left for it",
+                path,
+                number,
+                length,
+                context - new,
+            )
+            too_long.append((number, length))
+    if too_long:
+        (number, length), n = too_long[0], len(too_long)
+        raise ConfigError(
+            "data.prompts",
+            f"{n} of {len(prompts)} prompts do not fit the model's context ({context} tokens) with max_new_tokens "
+            f"{new}: prompt {number} is {length} tokens in the chat template; shorten them, or lower max_new_tokens",
+            path,
         )
 
 

@@ -117,3 +117,11 @@ def _(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
     return cli("fit", tmp_path, "--model.pretrained", str(model))
+
+
+@case("a prompt longer than the context")
+def _(tmp_path):
+    (tmp_path / "prompts.txt").write_text(
+        "Why do I sit?\n" + "meow " * 1500 + "why?\nAnd why here?\n", encoding="utf-8"
+    )
+    return cli("predict", tmp_path, "--data.prompts", str(tmp_path / "prompts.txt"))
