@@ -1,7 +1,8 @@
 """A full disk on demand: :class:`FillTheDisk` is a callback that fills a small filesystem (the ``small_disk``
 fixture's tmpfs) at a chosen point of ``fit``, so that the next write there meets a real ENOSPC.
 
-    --trainer.callbacks+ tests.disk.FillTheDisk --trainer.callbacks.directory DISK --trainer.callbacks.when train_end
+    --trainer.callbacks+ tests.disk.FillTheDisk --trainer.callbacks.directory DISK \
+        --trainer.callbacks.when adapter_export
 """
 
 from __future__ import annotations
@@ -23,16 +24,22 @@ def fill_disk(directory: str | Path) -> None:
 
 
 class FillTheDisk(pl.Callback):
-    """Fills ``directory``'s filesystem once a checkpoint is in it, or when training ends (before the module
-    exports its adapter: callbacks' ``on_train_end`` runs first)."""
+    """Fills ``directory``'s filesystem once a checkpoint is in it, or just before the module exports its
+    adapter (after every checkpoint of the run)."""
 
-    def __init__(self, directory: str, when: Literal["first_checkpoint", "train_end"] = "first_checkpoint"):
+    def __init__(self, directory: str, when: Literal["first_checkpoint", "adapter_export"] = "first_checkpoint"):
         self.directory, self.when = Path(directory), when
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.when == "first_checkpoint" and any(self.directory.glob("*.ckpt")):
             fill_disk(self.directory)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.when == "train_end":
-            fill_disk(self.directory)
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.when == "adapter_export":
+            export = pl_module.export_adapter
+
+            def fill_then_export(directory):
+                fill_disk(self.directory)
+                return export(directory)
+
+            pl_module.export_adapter = fill_then_export

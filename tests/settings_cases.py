@@ -92,7 +92,7 @@ def _(tmp_path, small_disk, monkeypatch):
 def _(tmp_path, small_disk, monkeypatch):
     monkeypatch.setenv("MEOWDREAD_MIN_FREE_MB", "0")
     disk = small_disk(16)
-    args = cli("fit", tmp_path, "--config", full_disk_config(tmp_path, disk / "checkpoints", "train_end"))
+    args = cli("fit", tmp_path, "--config", full_disk_config(tmp_path, disk / "checkpoints", "adapter_export"))
     return save_dir_on(args, disk)
 
 

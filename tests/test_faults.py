@@ -21,7 +21,7 @@ from meowdread.checkpoints import SafeCheckpointIO
 from meowdread.cli import main
 from meowdread.model import LoraSettings, QLoraModule
 
-from .conftest import CORPUS, PROMPTS, REPO, write_jsonl
+from .conftest import CORPUS, PROMPTS, REPO, tiny_args, write_jsonl
 from .offline import RUN_CLI
 
 BATCHES_PER_EPOCH = 6  # 48 conversations: 46 to train on in batches of 8, 2 held out
@@ -273,3 +273,49 @@ def test_failed_prediction_writes_leave_the_previous_files_whole(tmp_path, monke
     monkeypatch.undo()
     assert path.read_text() == '{"prompt": "a", "answer": "b"}\n'
     assert os.listdir(tmp_path) == ["predictions.jsonl"]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_failing_runs_leave_every_earlier_file_byte_identical(tmp_path, small_disk, monkeypatch, capsys):
+    """An earlier run's checkpoints, adapter, events and predictions survive a bad value, and a real subprocess
+    whose disk fills up while it exports its adapter."""
+    monkeypatch.setenv("MEOWDREAD_MIN_FREE_MB", "0")  # the disk is small on purpose
+    disk = small_disk(64)
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.sampling.max_new_tokens", "4"]
+    main(tiny_args("fit", disk, *short))
+    main(tiny_args("predict", disk, *short, "--ckpt_path", "last"))
+    before = snapshot(disk)
+    assert any(name.endswith("adapter/adapter_model.safetensors") for name in before)
+    assert any(name.endswith("predictions.jsonl") for name in before)
+
+    with pytest.raises(SystemExit) as exit_:  # a bad value after a good run
+        main(tiny_args("fit", disk, *short, "--model.lora.r", "0"))
+    assert exit_.value.code == 2
+    assert snapshot(disk) == before
+
+    fill = ["--trainer.callbacks+", "tests.disk.FillTheDisk", "--trainer.callbacks.directory", str(disk)]
+    command = [
+        sys.executable,
+        "-c",
+        RUN_CLI,
+        *tiny_args("fit", disk, *short, *fill, "--trainer.callbacks.when", "adapter_export"),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    run = disk / "lightning_logs" / "version_2"
+    assert (
+        f"meowdread: error: {run}/adapter.partial: could not be written (no space left on the device); the last good "
+        f"checkpoint is {run}/checkpoints/last.ckpt" in done.stderr
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (disk / "filler").unlink()
+    after = snapshot(disk)
+    assert {name: after.get(name) for name in before} == before  # every earlier file, byte for byte
+    assert not (run / "adapter").exists() and not (run / "adapter.partial").exists()
