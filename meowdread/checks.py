@@ -48,20 +48,20 @@ def check_config(subcommand: str | None, config: Any) -> None:
     if subcommand is not None:
         check_output_dir(config, need_space=subcommand == "fit")
     check_pretrained(option(config, "model.pretrained"))
-    check_adapter(config.model.get("adapter"))
+    check_adapter(option(config, "model.adapter"))
     callbacks = config.trainer.get("callbacks") or []
     samples = any(_is_sample_callback(c) for c in callbacks)
     if subcommand == "predict" or (subcommand == "fit" and samples):
-        prompts = read_prompts(config.data.prompts)
+        prompts = read_prompts(option(config, "data.prompts"))
         new_tokens = [option(config, "model.sampling.max_new_tokens")]
         if subcommand == "fit":  # the callback's own max_new_tokens, where it sets one
             new_tokens = [
                 option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _is_sample_callback(c)
             ]
-        check_prompt_lengths(prompts, config.data.prompts, option(config, "model.pretrained"), new_tokens)
+        check_prompt_lengths(prompts, option(config, "data.prompts"), option(config, "model.pretrained"), new_tokens)
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
-        check_checkpoint(ckpt_path, config.model)
+        check_checkpoint(ckpt_path, config)
 
 
 def _class_path(value: Any) -> str:
@@ -75,7 +75,7 @@ def check_cuda_settings(config: Any) -> None:
     accelerator = _class_path(config.trainer.get("accelerator"))
     if accelerator.lower() in ("gpu", "cuda") or accelerator.endswith("CUDAAccelerator"):
         raise ConfigError("trainer.accelerator", f"{accelerator!r} needs CUDA, and {CPU_HINT}")
-    optimizer = _class_path(config.model.get("optimizer"))
+    optimizer = _class_path(option(config, "model.optimizer"))
     if optimizer.startswith("bitsandbytes.optim.Paged"):
         raise ConfigError(
             "model.optimizer", f"{optimizer} pages its state in CUDA memory, and {CPU_HINT} (torch.optim.AdamW)"
@@ -250,7 +250,7 @@ def check_adapter(adapter: str | None) -> None:
         )
 
 
-def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
+def check_checkpoint(ckpt_path: str | Path, config: Any) -> None:
     """A complete, weights-only checkpoint of a LoRA adapter of the configured shape.
 
     Lightning's CLI would quietly replace the configured model settings with those saved in the checkpoint;
@@ -258,10 +258,9 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
     """
     hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters", {})
     # Started from a saved adapter, the adapter's own shape counts, not model.lora: the load checks that one.
-    saved = hparams.get("lora", {}) if not (hparams.get("adapter") or model.get("adapter")) else {}
-    configured = model.lora
+    saved = hparams.get("lora", {}) if not (hparams.get("adapter") or option(config, "model.adapter")) else {}
     for key in ("r", "alpha", "target_modules"):
-        before, now = saved.get(key), configured.get(key)
+        before, now = saved.get(key), option(config, f"model.lora.{key}")
         same = sorted(before) == sorted(now) if key == "target_modules" and before else before == now
         if before is not None and not same:
             raise ConfigError(
@@ -270,12 +269,13 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
                 f"--model.lora.{key} or the run's config.yaml",
                 ckpt_path,
             )
-    if hparams.get("pretrained") not in (None, model.pretrained):
+    pretrained = option(config, "model.pretrained")
+    if hparams.get("pretrained") not in (None, pretrained):
         log.warning(
             "%s: trained on %s, now loaded onto %s: fine if they are the same model",
             ckpt_path,
             hparams["pretrained"],
-            model.pretrained,
+            pretrained,
         )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-MISSING = object()
+_MISSING = object()
 SEED_MAX = 2**32 - 1  # numpy's, which Lightning's seed_everything also seeds
 
 
@@ -112,7 +112,7 @@ CALLBACK_RANGES: dict[str, dict[str, Range]] = {
 def check_value(key: str, value: Any, range_: Range | None = None) -> None:
     """Raise :class:`ConfigError` unless ``value`` is None or inside the range of ``key``."""
     range_ = range_ or RANGES[key]
-    if value is None or value is MISSING or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return  # None means unset; a wrong type is jsonargparse's to report
     if key == "seed_everything" or key.endswith(".seed"):
         ok = isinstance(value, int) and range_.accepts(value)
@@ -132,26 +132,26 @@ def check_fields(settings: Any, prefix: str) -> None:
             check_value(key, getattr(settings, f.name))
 
 
-def option(config: Any, key: str) -> Any:
-    """The value of a dotted ``key`` in a parsed configuration, or :data:`MISSING`.
+def option(config: Any, key: str, default: Any = None) -> Any:
+    """The value of a dotted ``key`` in a parsed configuration, or ``default`` where it is not set.
 
     Levels named ``init_args`` are looked through when the key does not name them, so ``model.lora.r`` is
     found in ``model.init_args.lora.r`` as well (a model given with ``class_path``)."""
     node = config
     for part in key.split("."):
         found = _child(node, part)
-        if found is MISSING:
+        if found is _MISSING:
             init = _child(node, "init_args")
-            found = _child(init, part) if init is not MISSING else MISSING
-        if found is MISSING:
-            return MISSING
+            found = _child(init, part) if init is not _MISSING else _MISSING
+        if found is _MISSING:
+            return default
         node = found
     return node
 
 
 def _child(node: Any, name: str) -> Any:
-    if node is None or node is MISSING:
-        return MISSING
+    if node is None or node is _MISSING:
+        return _MISSING
     if isinstance(node, dict):
-        return node.get(name, MISSING)
-    return vars(node).get(name, MISSING) if hasattr(node, "__dict__") else MISSING
+        return node.get(name, _MISSING)
+    return vars(node).get(name, _MISSING) if hasattr(node, "__dict__") else _MISSING

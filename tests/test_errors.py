@@ -294,3 +294,14 @@ def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"])
     assert exit_.value.code == 0 and "--data.corpus" in capsys.readouterr().out
+
+
+def test_the_settings_dataclasses_check_their_ranges_for_python_users():
+    from meowdread.adapters import LoraSettings
+    from meowdread.generation import SamplingSettings
+
+    with pytest.raises(ValueError, match=re.escape("model.lora.dropout: got 1.5, must be in [0, 1)")):
+        LoraSettings(dropout=1.5)
+    with pytest.raises(ValueError, match=re.escape("model.sampling.top_p: got 0.0, must be in (0, 1]")):
+        SamplingSettings(top_p=0.0)
+    SamplingSettings(temperature=0.0, do_sample=False)  # greedy decoding ignores the temperature
