@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from meowdread.chat_format import ChatFormat
 from meowdread.checkpoints import load_checkpoint_file
 from meowdread.data import load_tokenizer, read_prompts
 from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
@@ -210,10 +211,11 @@ def check_prompt_lengths(prompts: list[str], path: str, pretrained: str, new_tok
     if not context:
         return
     tokenizer = load_tokenizer(pretrained)
+    chat_format = ChatFormat.of(tokenizer)
     too_long = []
     for number, prompt in enumerate(prompts, start=1):
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_format.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        # What ChatFormat.prompt_ids gives, without transformers' warning about a sequence this long.
         length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if length + new > context:
             log.warning(

@@ -196,7 +196,7 @@ def other_base(tmp_path_factory, embedded_cache):
     module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0))
     module.configure_model()
     module.export_adapter(root / "adapter")
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # as the configs
     torch.save(
         {
             "state_dict": {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()},
@@ -209,7 +209,7 @@ def other_base(tmp_path_factory, embedded_cache):
     _init_model(module.tokenizer, {**SPECS["tiny-phi3"], "hidden_size": 64, "intermediate_size": 128}).save_pretrained(
         base
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(Path(tiny) / name, base / name)
     return root
 
