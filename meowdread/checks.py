@@ -108,6 +108,10 @@ def check_machine(config: Any) -> None:
     if _on_cpu(config) and precision in ("16", "16-mixed"):
         raise ConfigError("trainer.precision", f"{precision!r} (fp16 autocast) needs CUDA: on the CPU use bf16-mixed")
     devices = config.trainer.get("devices")
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the command line gives a string
+        devices = int(devices)
+    if isinstance(devices, int) and not (devices == -1 or devices >= 1):
+        raise ConfigError("trainer.devices", f"got {devices}, must be >= 1, -1 (every device) or auto")
     if not _on_cpu(config) and isinstance(devices, int) and devices > torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise ConfigError("trainer.devices", f"{devices} GPUs asked for, and this machine has {count}")
@@ -157,7 +161,10 @@ def check_output_dir(config: Any, need_space: bool = False) -> None:
             pass
     except OSError as err:
         raise ConfigError(key, f"cannot write here ({err.strerror or err})", path) from None
-    need = int(os.environ.get("MEOWDREAD_MIN_FREE_MB", MIN_FREE_MB))
+    raw = os.environ.get("MEOWDREAD_MIN_FREE_MB", str(MIN_FREE_MB))
+    if not raw.strip().isdigit():
+        raise ConfigError("MEOWDREAD_MIN_FREE_MB", f"must be a whole number of MB, got {raw!r}")
+    need = int(raw)
     free = shutil.disk_usage(path).free // 2**20
     if need_space and free < need:
         raise ConfigError(

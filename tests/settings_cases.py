@@ -34,6 +34,7 @@ option_case("a negative `gradient_clip_val`", "--trainer.gradient_clip_val", "-1
 option_case("`max_epochs` 0", "--trainer.max_epochs", "0")
 option_case("`max_steps` 0", "--trainer.max_steps", "0")
 option_case("`limit_train_batches` 0", "--trainer.limit_train_batches", "0")
+option_case("`trainer.devices` 0", "--trainer.devices", "0")
 option_case("an unknown attention backend", "--model.attn_implementation", "sdpaa")
 
 
