@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -89,6 +90,19 @@ def describe_write_error(err: BaseException) -> str:
     if is_disk_full(err):
         return "no space left on the device"
     return " ".join((getattr(err, "strerror", None) or str(err)).split())[:200] or type(err).__name__
+
+
+@contextlib.contextmanager
+def writing_directory(directory: Path) -> Iterator[None]:
+    """Inside, a write that fails (a full disk above all, whichever library reports it) removes ``directory``
+    and raises one :class:`WriteError` naming it."""
+    try:
+        yield
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_disk_full(err)):
+            raise
+        shutil.rmtree(directory, ignore_errors=True)
+        raise WriteError(directory, err) from err
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -27,13 +27,12 @@ from torchmetrics import MeanMetric
 
 from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatched_targets, linear_names
 from meowdread.checkpoints import (
-    WriteError,
-    is_disk_full,
     load_checkpoint_file,
     lora_misfits,
     rng_states,
     saved_checkpoints,
     set_rng_states,
+    writing_directory,
 )
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
@@ -396,14 +395,9 @@ class QLoraModule(pl.LightningModule):
         self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        try:
+        with writing_directory(staging):  # a full disk: one error naming the directory, which is removed
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-        except Exception as err:  # a full disk surfaces as OSError, or safetensors' own error
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError) or is_disk_full(err):
-                raise WriteError(staging, err) from err
-            raise
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)
