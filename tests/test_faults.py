@@ -288,7 +288,20 @@ def test_failing_runs_leave_every_earlier_file_byte_identical(tmp_path, small_di
     whose disk fills up while it exports its adapter."""
     monkeypatch.setenv("MEOWDREAD_MIN_FREE_MB", "0")  # the disk is small on purpose
     disk = small_disk(64)
-    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.sampling.max_new_tokens", "4"]
+    callbacks = [  # no samples in TensorBoard, for speed: predictions, checkpoints and the adapter are written
+        {"class_path": "meowdread.callbacks.PredictionWriter"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+    ]
+    (tmp_path / "light.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    short = [
+        "--config",
+        str(tmp_path / "light.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+    ]
+    short += ["--model.sampling.max_new_tokens", "4"]
     main(tiny_args("fit", disk, *short))
     main(tiny_args("predict", disk, *short, "--ckpt_path", "last"))
     before = snapshot(disk)
