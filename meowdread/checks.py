@@ -12,12 +12,14 @@ errors (an unknown key, a value of the wrong type), which would otherwise print 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,18 +53,28 @@ def check_config(subcommand: str | None, config: Any) -> None:
     check_pretrained(option(config, "model.pretrained"))
     check_adapter(option(config, "model.adapter"))
     callbacks = config.trainer.get("callbacks") or []
-    samples = any(_is_sample_callback(c) for c in callbacks)
+    samples = any(_samples(c) for c in callbacks)
     if subcommand == "predict" or (subcommand == "fit" and samples):
         prompts = read_prompts(option(config, "data.prompts"))
         new_tokens = [option(config, "model.sampling.max_new_tokens")]
         if subcommand == "fit":  # the callback's own max_new_tokens, where it sets one
-            new_tokens = [
-                option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _is_sample_callback(c)
-            ]
+            new_tokens = [option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _samples(c)]
         check_prompt_lengths(prompts, option(config, "data.prompts"), option(config, "model.pretrained"), new_tokens)
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
         check_checkpoint(ckpt_path, config)
+
+
+def _samples(callback: Any) -> bool:
+    """Whether a configured callback is a :class:`meowdread.callbacks.SampleCallback` or a subclass of one."""
+    from meowdread.callbacks import SampleCallback
+
+    module, _, name = _class_path(callback).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False  # the parser imported it already: a class it could not import does not get here
+    return isinstance(cls, type) and issubclass(cls, SampleCallback)
 
 
 def _class_path(value: Any) -> str:
@@ -196,10 +208,6 @@ def check_pretrained(pretrained: str) -> None:
         )
 
 
-def _is_sample_callback(callback: Any) -> bool:
-    return _class_path(callback).endswith("SampleCallback")
-
-
 def check_prompt_lengths(prompts: list[str], path: str, pretrained: str, new_tokens: list[Any]) -> None:
     """Every prompt, in the chat template, must leave room in the model's context for the answer.
 
@@ -290,7 +298,7 @@ def check_checkpoint(ckpt_path: str | Path, config: Any) -> None:
 
 def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[str]) -> ConfigError:
     """One line for a jsonargparse error, naming the config file that set the key, if one did."""
-    args = list(args)
+    args, message = list(args), _unwrap_subclass_error(message)
     if message.startswith("Problems parsing config"):
         for config in _config_files(args):
             try:
@@ -303,13 +311,39 @@ def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[
     if unknown:
         key = unknown.group(1) or unknown.group(2)
         close = difflib.get_close_matches(key, list(known_keys), n=1, cutoff=0.75)
-        problem = "unknown option" + (f" (did you mean {close[0]}?)" if close else "; see --help")
+        section = key.split(".")[0] if key.startswith(("model.", "data.")) else ""  # their options: --model.help
+        problem = "unknown option" + (
+            f" (did you mean {close[0]}?)" if close else f"; see --{section}{'.' * bool(section)}help"
+        )
         return ConfigError(key, problem, _source(key, args))
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if not keys:
         return ConfigError("command line", " ".join(message.split()))
     key = keys[0] + "".join(f".init_args.{inner}" for inner in keys[1:])
     return ConfigError(key, _describe_value_error(message.split(f'Parser key "{keys[-1]}"')[-1]), _source(key, args))
+
+
+def _unwrap_subclass_error(message: str) -> str:
+    """The error inside a ``model``/``data`` class (subclass mode), as if its options were the parser's own:
+    ``Parser key "model": … Problem with given class_path '…': Parser key "lora.r": …`` becomes
+    ``Parser key "model.lora.r": …``, and the ``null`` alternative of the outer union is dropped."""
+    found = re.match(
+        r'Parser key "(model|data)":.*?- Problem with given class_path \'[^\']+\':\n(.*?)\n\s*- Expected a '
+        r"<class 'NoneType'>",
+        message,
+        re.S,
+    )
+    if not found:
+        return message
+    prefix, inner = found.group(1), textwrap.dedent(found.group(2)).strip()
+    group = re.fullmatch(r"Group '([^']+)' does not accept option '([^']+)'", inner)
+    if group:
+        return f"does not accept option '{prefix}.{group.group(1)}.{group.group(2)}'"
+    if inner.startswith("unrecognized arguments: --"):
+        return inner.replace("--", f"--{prefix}.", 1)
+    if inner.startswith('Parser key "'):
+        return inner.replace('Parser key "', f'Parser key "{prefix}.', 1)
+    return message
 
 
 def _describe_value_error(detail: str) -> str:
