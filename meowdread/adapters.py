@@ -93,6 +93,11 @@ class LoraSettings:
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other ``LoraConfig`` option, by its peft name: ``{"layer_replication": [[0, 2]]}``."""
 
+    def __post_init__(self):
+        check_fields(self, "model.lora")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
+
     def to_peft(self):
         """peft's ``LoraConfig`` for these settings. A bad setting is a ValueError naming its ``model.lora`` key."""
         from peft import LoraConfig, __version__
@@ -130,11 +135,6 @@ def _check_init(value: bool | str, annotation: str) -> None:
     patterns = [re.escape(n).replace(re.escape("[number of iters]"), r"\d+") for n in names]
     if not any(re.fullmatch(pattern, value) for pattern in patterns):
         raise ValueError(f"model.lora.init_lora_weights: {value!r} is not true, false or one of {', '.join(names)}")
-
-    def __post_init__(self):
-        check_fields(self, "model.lora")
-        if not self.target_modules:
-            raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
 
 
 def find_unmatched_targets(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
