@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from meowdread.ranges import ConfigError, check_fields
+
 ALL_LINEAR = "all-linear"
 
 
@@ -90,6 +92,11 @@ class LoraSettings:
     """Train the embeddings of these token ids only (e.g. new special tokens), not the whole matrix."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other ``LoraConfig`` option, by its peft name: ``{"layer_replication": [[0, 2]]}``."""
+
+    def __post_init__(self):
+        check_fields(self, "model.lora")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
 
     def to_peft(self):
         """peft's ``LoraConfig`` for these settings. A bad setting is a ValueError naming its ``model.lora`` key."""

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from meowdread import report
+from meowdread.checkpoints import WriteError
 from meowdread.generation import SamplingSettings, generate
 from meowdread.metrics import Lexicon, SampleMetrics, base_nll
 from meowdread.report import cell, describe_scores, number
@@ -30,8 +31,10 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from err
         raise
 
 

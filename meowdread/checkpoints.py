@@ -6,30 +6,34 @@
   filesystem, the move is a copy onto the target, which a kill can cut short.) It loads with
   ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint is tensors and plain values, and
   unpickling anything else could run code. An unreadable file is one :class:`CheckpointError`.
-- :class:`SaveOnInterrupt`: the first Ctrl-C lets the optimizer step under way finish, saves ``last.ckpt``
-  and exits with code 1; ``--ckpt_path last`` resumes there. A second Ctrl-C quits at once, unsaved.
+- :class:`SaveOnInterrupt`: the first Ctrl-C or SIGTERM lets the optimizer step under way finish, saves
+  ``last.ckpt`` and exits (code 1 for Ctrl-C, 143 for SIGTERM) with the command that resumes there. A second
+  Ctrl-C quits at once, unsaved.
 - :func:`rng_states` and :func:`set_rng_states`: the RNG states a checkpoint carries, so that a resumed run
   draws the same LoRA dropout masks as an uninterrupted one.
 
 The CLI installs the first two for every run:
 
-    meowdread fit --config configs/tiny.yaml                    # Ctrl-C: saves last.ckpt, exits 1
+    meowdread fit --config configs/tiny.yaml                    # Ctrl-C: saves last.ckpt, exits 1 (SIGTERM: 143)
     meowdread fit --config configs/tiny.yaml --ckpt_path last   # goes on from there
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,44 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
         raise CheckpointError(path, f"not a readable checkpoint ({str(err).splitlines()[0]})") from None
 
 
+class WriteError(OSError):
+    """A file or directory that could not be written: the message names it, and a full disk as such."""
+
+    def __init__(self, path: str | Path, err: BaseException):
+        self.path = Path(path)
+        super().__init__(f"{path}: could not be written ({describe_write_error(err)})")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an error from writing a file is a full disk (or quota), whichever library raised it."""
+    text = str(err)
+    return (
+        getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in text
+        or "os error 28" in text  # safetensors (Rust)
+        or "unexpected pos" in text  # torch.save's zip writer, when a write comes up short
+    )
+
+
+def describe_write_error(err: BaseException) -> str:
+    if is_disk_full(err):
+        return "no space left on the device"
+    return " ".join((getattr(err, "strerror", None) or str(err)).split())[:200] or type(err).__name__
+
+
+@contextlib.contextmanager
+def writing_directory(directory: Path) -> Iterator[None]:
+    """Inside, a write that fails (a full disk above all, whichever library reports it) removes ``directory``
+    and raises one :class:`WriteError` naming it."""
+    try:
+        yield
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_disk_full(err)):
+            raise
+        shutil.rmtree(directory, ignore_errors=True)
+        raise WriteError(directory, err) from err
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic, durable saves and weights-only loads of local checkpoint files (see the module docstring)."""
 
@@ -80,8 +122,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            if isinstance(err, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as RuntimeError
+                raise WriteError(path, err) from err
             raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:  # make the rename itself durable
@@ -128,30 +172,95 @@ def saved_checkpoints(trainer: pl.Trainer) -> list[Path]:
 
 
 class SaveOnInterrupt(pl.Callback):
-    """Ctrl-C during ``fit`` saves ``last.ckpt`` once the optimizer step under way is done, then exits.
+    """Ctrl-C or SIGTERM during ``fit`` saves ``last.ckpt`` once the optimizer step under way is done, then exits.
 
     The save waits for a step boundary so that the checkpoint is a state the run really passed through (never
     half an optimizer update or half an accumulation window), which is what makes resuming from it exact.
     Under DDP the ranks agree on the step to stop at, so they all save and stop together.
+
+    SIGTERM is what SLURM, Kubernetes and spot machines send before they kill a job. Ctrl-C exits with code 1
+    (Lightning's), SIGTERM with 143 (128 + 15, as a shell reports a process ended by it), so a scheduler sees
+    a failure and can restart the job with the printed resume command. A SIGTERM before training begins (while
+    the model loads, during the sanity check or the base model's samples) or after the last step stops at
+    once and says that nothing new was saved. :meth:`listening` installs that handler; the CLI runs inside
+    it from before it parses the configuration.
+
+    Lightning's own handlers are kept: SIGUSR1, SLURM's requeue signal, stays Lightning's (it saves an
+    ``hpc_ckpt`` and requeues the job); Lightning's SIGTERM handler (which would end the epoch loop at the
+    next batch, mid-window, with exit code 0) is set aside during training only, and put back after it.
     """
 
-    def __init__(self):
-        self._requested = False
+    def __init__(self, resume_command: str | None = None):
+        self.resume_command = resume_command or "--ckpt_path last"
+        self._requested: int | None = None
         self._step_at_batch_start = 0
-        self._previous_handler: Any = None
+        self._previous: dict[int, Any] = {}
+        self._trainer: pl.Trainer | None = None
+        self._trained = False
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        """Inside, a SIGTERM outside the training loop stops the command at once, with a message."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm_outside_training)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm_outside_training(self, signum: int, frame: Any) -> None:
+        if self._trained:
+            what = "after the last step: the run's checkpoints are saved, the adapter may not be exported"
+        elif self._trainer is not None and self._trainer.state.fn == "fit":
+            what = "before the first step: nothing new was trained or saved; run the same command again"
+        else:
+            what = "nothing new was saved; run the same command again"
+        print(f"meowdread: stopped by SIGTERM {what}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer, self._trained = trainer, False
+
+    def explain_failure(self, err: BaseException) -> str | None:
+        """One line for a write that failed (a full disk above all): what it was writing, and, in ``fit``, the
+        newest checkpoint still whole. None for other errors."""
+        if isinstance(err, WriteError):
+            what, path = str(err), err.path
+        elif is_disk_full(err):
+            what, path = f"no space left on the device ({' '.join(str(err).split())[:200]})", None
+        else:
+            return None
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return what
+        saved = saved_checkpoints(trainer)
+        if path is not None and path.suffix == ".ckpt" and path.is_file():  # the save failed; the old file is whole
+            saved = sorted({*saved, path}, key=lambda p: p.stat().st_mtime)
+        good = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+        return f"{what}; {good}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._requested = False
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            self._requested = None
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._requested:  # the second Ctrl-C: quit now
-            self._restore_handler()
-            raise KeyboardInterrupt
-        self._requested = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._requested is not None:
+            if signum == signal.SIGINT:  # the second Ctrl-C: quit now
+                self._restore_handlers()
+                raise KeyboardInterrupt
+            return  # a second SIGTERM: the save is under way already
+        self._requested = signum
+        if signum == signal.SIGTERM and self._trainer is not None:
+            launcher = self._trainer.strategy.launcher
+            if launcher is not None:  # processes this one started (DDP ranks) get it too, as Lightning does
+                launcher.kill(signum)
+        again = "Ctrl-C again to quit without saving" if signum == signal.SIGINT else "SIGKILL to quit without saving"
         print(
-            "\nmeowdread: Ctrl-C: saving a checkpoint after the current step (Ctrl-C again to quit without saving)",
+            f"\nmeowdread: {signal.Signals(signum).name}: saving a checkpoint after the current step ({again})",
             file=sys.stderr,
             flush=True,
         )
@@ -166,28 +275,35 @@ class SaveOnInterrupt(pl.Callback):
     ) -> None:
         if trainer.global_step == self._step_at_batch_start:  # inside an accumulation window: not yet
             return
-        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank asked
+        requested = self._requested or 0
+        if not trainer.strategy.reduce_boolean_decision(bool(requested), all=False):  # any rank asked
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full state: a checkpoint to resume from
         if trainer.is_global_zero:
+            name = signal.Signals(requested).name if requested else "another rank's signal"
             print(
-                f"meowdread: interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+                f"meowdread: interrupted ({name}) at step {trainer.global_step}: saved {path}; resume with: "
+                f"{self.resume_command}",
                 file=sys.stderr,
                 flush=True,
             )
-        raise KeyboardInterrupt  # Lightning tears down and exits with code 1
+        if requested == signal.SIGINT:
+            raise KeyboardInterrupt  # Lightning tears down and exits with code 1
+        raise SystemExit(128 + signal.SIGTERM)  # Lightning tears down and re-raises it
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handler()
+        self._trained = True
+        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
 
 def rng_states() -> dict[str, Any]:

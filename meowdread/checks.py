@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import logging
+import os
 import re
+import shutil
 import tempfile
 import textwrap
 from collections.abc import Iterable
@@ -24,44 +27,42 @@ from typing import Any
 import torch
 import yaml
 
+from meowdread.chat_format import ChatFormat
 from meowdread.checkpoints import load_checkpoint_file
-from meowdread.data import read_prompts
-from meowdread.embedded import EMBEDDED_PREFIX
+from meowdread.data import load_tokenizer, read_prompts
+from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
+from meowdread.model_files import check_model_files
+from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
 
 log = logging.getLogger(__name__)
 
 CPU_HINT = "this machine has no CUDA GPU: on this machine use configs/tiny.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message names the file it comes from, where there is one, and the key."""
-
-    def __init__(self, key: str, problem: str, path: str | Path | None = None):
-        super().__init__(f"{path}: {key}: {problem}" if path else f"{key}: {problem}")
-
-
-def init_args(config: Any, key: str) -> Any:
-    """The settings of ``config.model`` or ``config.data``: the ``init_args`` of its ``class_path`` (the CLI
-    runs in subclass mode), or the namespace itself where there is no class path."""
-    section = config[key]
-    return section.init_args if section.get("class_path") else section
+# Free space a run directory's disk must have before fit starts: one Phi-3-mini checkpoint at LoRA r 16 is
+# 300 MB, its adapter 100 MB. MEOWDREAD_MIN_FREE_MB overrides it (0 turns the check off).
+MIN_FREE_MB = 512
 
 
 def check_config(subcommand: str | None, config: Any) -> None:
     """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``); ``subcommand`` is
     None for ``chat`` and ``export``, which write no run directory."""
-    model, data = init_args(config, "model"), init_args(config, "data")
+    check_ranges(config)
     check_cuda_settings(config)
+    check_machine(config)
     if subcommand is not None:
-        check_output_dir(config)
-    check_pretrained(model.pretrained)
-    check_adapter(model.get("adapter"))
+        check_output_dir(config, need_space=subcommand == "fit")
+    check_pretrained(option(config, "model.pretrained"))
+    check_adapter(option(config, "model.adapter"))
     callbacks = config.trainer.get("callbacks") or []
-    if subcommand == "predict" or (subcommand == "fit" and any(_samples(c) for c in callbacks)):
-        read_prompts(data.prompts)
+    samples = any(_samples(c) for c in callbacks)
+    if subcommand == "predict" or (subcommand == "fit" and samples):
+        prompts = read_prompts(option(config, "data.prompts"))
+        new_tokens = [option(config, "model.sampling.max_new_tokens")]
+        if subcommand == "fit":  # the callback's own max_new_tokens, where it sets one
+            new_tokens = [option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _samples(c)]
+        check_prompt_lengths(prompts, option(config, "data.prompts"), option(config, "model.pretrained"), new_tokens)
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
-        check_checkpoint(ckpt_path, model)
+        check_checkpoint(ckpt_path, config)
 
 
 def _samples(callback: Any) -> bool:
@@ -87,15 +88,79 @@ def check_cuda_settings(config: Any) -> None:
     accelerator = _class_path(config.trainer.get("accelerator"))
     if accelerator.lower() in ("gpu", "cuda") or accelerator.endswith("CUDAAccelerator"):
         raise ConfigError("trainer.accelerator", f"{accelerator!r} needs CUDA, and {CPU_HINT}")
-    optimizer = _class_path(init_args(config, "model").get("optimizer"))
+    optimizer = _class_path(option(config, "model.optimizer"))
     if optimizer.startswith("bitsandbytes.optim.Paged"):
         raise ConfigError(
             "model.optimizer", f"{optimizer} pages its state in CUDA memory, and {CPU_HINT} (torch.optim.AdamW)"
         )
 
 
-def check_output_dir(config: Any) -> None:
-    """The run directory's parent must be writable: found out now, not when the first checkpoint is due."""
+def check_ranges(config: Any) -> None:
+    """Every numeric option inside its range (:data:`meowdread.ranges.RANGES`), callbacks' options included."""
+    for key in RANGES:
+        if key == "model.sampling.temperature" and option(config, "model.sampling.do_sample") is False:
+            continue  # greedy decoding ignores it
+        check_value(key, option(config, key))
+    if option(config, "model.lora.target_modules") == []:
+        raise ConfigError("model.lora.target_modules", "is empty: name at least one module to adapt")
+    for i, callback in enumerate(option(config, "trainer.callbacks") or []):
+        ranges = CALLBACK_RANGES.get(_class_path(callback).rsplit(".", 1)[-1], {})
+        for name, range_ in ranges.items():
+            check_value(f"trainer.callbacks[{i}].init_args.{name}", option(callback, f"init_args.{name}"), range_)
+
+
+def _on_cpu(config: Any) -> bool:
+    accelerator = _class_path(config.trainer.get("accelerator")).lower()
+    return accelerator == "cpu" or accelerator.endswith("cpuaccelerator") or not torch.cuda.is_available()
+
+
+def check_machine(config: Any) -> None:
+    """Options this machine cannot honour: a package that is not installed, a feature its device lacks."""
+    precision = str(config.trainer.get("precision"))
+    if _on_cpu(config) and precision in ("16", "16-mixed"):
+        raise ConfigError("trainer.precision", f"{precision!r} (fp16 autocast) needs CUDA: on the CPU use bf16-mixed")
+    devices = config.trainer.get("devices")
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the command line gives a string
+        devices = int(devices)
+    if isinstance(devices, int) and not (devices == -1 or devices >= 1):
+        raise ConfigError("trainer.devices", f"got {devices}, must be >= 1, -1 (every device) or auto")
+    if not _on_cpu(config) and isinstance(devices, int) and devices > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError("trainer.devices", f"{devices} GPUs asked for, and this machine has {count}")
+    if option(config, "model.compile") is True:
+        if _on_cpu(config):
+            raise ConfigError("model.compile", f"true compiles for CUDA, and {CPU_HINT} (or model.compile false)")
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("model.compile", "true needs Triton: pip install triton, or model.compile false")
+    check_attention(str(option(config, "model.attn_implementation")), on_cpu=_on_cpu(config))
+
+
+def check_attention(name: str, on_cpu: bool) -> None:
+    """A transformers attention backend that exists and, for FlashAttention, is installed and has a GPU."""
+    if name in ("sdpa", "eager", "None") or "/" in name:  # org/name: a kernel from the hub, transformers' to load
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils import import_utils
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if name not in known:
+        raise ConfigError("model.attn_implementation", f"unknown backend {name!r} (one of {', '.join(known)})")
+    version = re.fullmatch(r"flash_attention_(\d)", name)
+    if version:
+        if on_cpu:
+            raise ConfigError("model.attn_implementation", f"{name!r} needs CUDA, and {CPU_HINT} (or sdpa)")
+        available = getattr(import_utils, f"is_flash_attn_{version.group(1)}_available", lambda: False)
+        if not available():
+            package = "flash-attn" if version.group(1) == "2" else f"FlashAttention-{version.group(1)}"
+            raise ConfigError(
+                "model.attn_implementation",
+                f"{name!r} needs the {package} package, which is not installed here: install it, or use sdpa",
+            )
+
+
+def check_output_dir(config: Any, need_space: bool = False) -> None:
+    """The run directory's parent must be writable, and for ``fit`` have room for checkpoints: found out now,
+    not when the first checkpoint is due."""
     logger = config.trainer.get("logger")
     init = logger.get("init_args") if hasattr(logger, "get") else None
     if init is not None and init.get("save_dir") is not None:
@@ -108,6 +173,18 @@ def check_output_dir(config: Any) -> None:
             pass
     except OSError as err:
         raise ConfigError(key, f"cannot write here ({err.strerror or err})", path) from None
+    raw = os.environ.get("MEOWDREAD_MIN_FREE_MB", str(MIN_FREE_MB))
+    if not raw.strip().isdigit():
+        raise ConfigError("MEOWDREAD_MIN_FREE_MB", f"must be a whole number of MB, got {raw!r}")
+    need = int(raw)
+    free = shutil.disk_usage(path).free // 2**20
+    if need_space and free < need:
+        raise ConfigError(
+            key,
+            f"{free} MB free on this disk, and fit needs {need} MB for checkpoints and the adapter: free some "
+            "space, or choose another save_dir (MEOWDREAD_MIN_FREE_MB sets the minimum)",
+            path,
+        )
 
 
 def check_pretrained(pretrained: str) -> None:
@@ -116,8 +193,7 @@ def check_pretrained(pretrained: str) -> None:
         return  # built on demand; an unknown name is reported by meowdread.embedded
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError("model.pretrained", "not a model directory (it has no config.json)", path)
+        check_model_files(path)
         return
     if pretrained.startswith(("/", ".", "~")) or pretrained.count("/") != 1:
         raise ConfigError("model.pretrained", "does not exist (and it is not a hub id org/name)", pretrained)
@@ -129,6 +205,49 @@ def check_pretrained(pretrained: str) -> None:
             "no such local directory, and as a hub id it is not in the Hugging Face cache, which is all "
             "HF_HUB_OFFLINE=1 allows: download it once online, or give a local directory",
             pretrained,
+        )
+
+
+def check_prompt_lengths(prompts: list[str], path: str, pretrained: str, new_tokens: list[Any]) -> None:
+    """Every prompt, in the chat template, must leave room in the model's context for the answer.
+
+    ``predict`` and the sample callback refuse a prompt that does not fit instead of cutting it (which would
+    answer another question): one warning per such prompt, with its number, then the error."""
+    if pretrained.startswith(EMBEDDED_PREFIX) and pretrained != TINY_PHI3:
+        return  # building the embedded stand-in is the data module's work (once, under DDP)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+    except (OSError, ValueError):
+        return  # not available offline: transformers says so when the model loads
+    context = getattr(config, "max_position_embeddings", None)
+    new = max([n for n in new_tokens if isinstance(n, int)], default=0)
+    if not context:
+        return
+    tokenizer = load_tokenizer(pretrained)
+    chat_format = ChatFormat.of(tokenizer)
+    too_long = []
+    for number, prompt in enumerate(prompts, start=1):
+        text = chat_format.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        # What ChatFormat.prompt_ids gives, without transformers' warning about a sequence this long.
+        length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if length + new > context:
+            log.warning(
+                "%s: prompt %d is %d tokens in the chat template; %d are left for it",
+                path,
+                number,
+                length,
+                context - new,
+            )
+            too_long.append((number, length))
+    if too_long:
+        (number, length), n = too_long[0], len(too_long)
+        raise ConfigError(
+            "data.prompts",
+            f"{n} of {len(prompts)} prompts do not fit the model's context ({context} tokens) with max_new_tokens "
+            f"{new}: prompt {number} is {length} tokens in the chat template; shorten them, or lower max_new_tokens",
+            path,
         )
 
 
@@ -148,7 +267,7 @@ def check_adapter(adapter: str | None) -> None:
         )
 
 
-def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
+def check_checkpoint(ckpt_path: str | Path, config: Any) -> None:
     """A complete, weights-only checkpoint of a LoRA adapter of the configured shape.
 
     Lightning's CLI would quietly replace the configured model settings with those saved in the checkpoint;
@@ -156,10 +275,9 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
     """
     hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters", {})
     # Started from a saved adapter, the adapter's own shape counts, not model.lora: the load checks that one.
-    saved = hparams.get("lora", {}) if not (hparams.get("adapter") or model.get("adapter")) else {}
-    configured = model.lora
+    saved = hparams.get("lora", {}) if not (hparams.get("adapter") or option(config, "model.adapter")) else {}
     for key in ("r", "alpha", "target_modules"):
-        before, now = saved.get(key), configured.get(key)
+        before, now = saved.get(key), option(config, f"model.lora.{key}")
         if key == "target_modules" and (isinstance(before, str) or isinstance(now, str)):
             continue  # all-linear names no list: the load compares the adapted module names themselves
         same = sorted(before) == sorted(now) if key == "target_modules" and before else before == now
@@ -170,12 +288,13 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
                 f"--model.lora.{key} or the run's config.yaml",
                 ckpt_path,
             )
-    if hparams.get("pretrained") not in (None, model.pretrained):
+    pretrained = option(config, "model.pretrained")
+    if hparams.get("pretrained") not in (None, pretrained):
         log.warning(
             "%s: trained on %s, now loaded onto %s: fine if they are the same model",
             ckpt_path,
             hparams["pretrained"],
-            model.pretrained,
+            pretrained,
         )
 
 

@@ -19,7 +19,7 @@ Configs keep their flat ``model:`` and ``data:`` keys; a stacked config swaps a 
 
 Bad input is one line on stderr and exit code 2 (``MEOWDREAD_DEBUG=1`` for the traceback); the settings are
 checked (:mod:`meowdread.checks`) before the model loads. Checkpoints are written atomically and loaded
-weights-only, and Ctrl-C during ``fit`` saves one (:mod:`meowdread.checkpoints`).
+weights-only, and Ctrl-C or SIGTERM during ``fit`` saves one (:mod:`meowdread.checkpoints`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from argparse import ArgumentError, RawDescriptionHelpFormatter
@@ -232,6 +233,19 @@ _log_handler.setFormatter(logging.Formatter("[meowdread] %(message)s"))
 _log_handler.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, with ``--ckpt_path last``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["meowdread", *kept, "--ckpt_path", "last"])
+
+
 def main(args: list[str] | None = None) -> None:
     package_log = logging.getLogger("meowdread")
     package_log.addHandler(_log_handler)  # a no-op when already added
@@ -244,29 +258,34 @@ def main(args: list[str] | None = None) -> None:
     # appended last, so that nothing there shadows an installed module.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    try:
-        if argv and argv[0] in TOOLS:
-            cli = ToolCLI(argv[0], argv[1:])
-            cli.tool.run(cli)
-        else:
-            MeowCLI(
-                save_config_kwargs={"overwrite": True},
-                trainer_defaults={"callbacks": [SaveOnInterrupt()]},
-                parser_kwargs={
-                    "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
-                    "`meowdread export`, with the same configs (add --help to either)."
-                },
-                args=args,
-            )
-    except (ValueError, OSError, FloatingPointError, MisconfigurationException) as err:
-        if os.environ.get("MEOWDREAD_DEBUG"):
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"meowdread: error: {message}\n(set MEOWDREAD_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:  # outside fit's training loop, where SaveOnInterrupt does not listen
-        print("meowdread: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    interrupt = SaveOnInterrupt(resume_command(argv))
+    # SIGTERM from here on: a message and exit 143, or during fit's training a checkpoint first.
+    with interrupt.listening():
+        try:
+            if argv and argv[0] in TOOLS:
+                cli = ToolCLI(argv[0], argv[1:])
+                cli.tool.run(cli)
+            else:
+                MeowCLI(
+                    save_config_kwargs={"overwrite": True},
+                    trainer_defaults={"callbacks": [interrupt]},
+                    parser_kwargs={
+                        "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
+                        "`meowdread export`, with the same configs (add --help to either)."
+                    },
+                    args=args,
+                )
+        except Exception as err:
+            failed_write = interrupt.explain_failure(err)  # a full disk, from whichever library
+            bad_input = isinstance(err, (ValueError, OSError, FloatingPointError, MisconfigurationException))
+            if os.environ.get("MEOWDREAD_DEBUG") or not (failed_write or bad_input):
+                raise
+            message = failed_write or " ".join(str(err).split()) or type(err).__name__
+            print(f"meowdread: error: {message}\n(set MEOWDREAD_DEBUG=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:  # outside fit's training loop, where SaveOnInterrupt does not listen
+            print("meowdread: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

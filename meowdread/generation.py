@@ -11,6 +11,7 @@ import torch
 
 from meowdread import fast_generation
 from meowdread.chat_format import ChatFormat
+from meowdread.ranges import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class SamplingSettings:
     """``static``: merged bf16 weights, a static KV cache and CUDA graphs (:mod:`meowdread.fast_generation`;
     Phi-3 only, needs memory for a bf16 copy of the weights while it samples). ``hf``: transformers'
     ``generate`` on the training model. ``auto``: ``static`` for Phi-3 on CUDA, ``hf`` otherwise."""
+
+    def __post_init__(self):
+        check_fields(self, "model.sampling")
 
 
 def use_static_engine(model, settings: SamplingSettings) -> bool:

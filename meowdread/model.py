@@ -36,6 +36,7 @@ from meowdread.checkpoints import (
     rng_states,
     saved_checkpoints,
     set_rng_states,
+    writing_directory,
 )
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
@@ -393,8 +394,9 @@ class QLoraModule(pl.LightningModule):
         self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
+        with writing_directory(staging):  # a full disk: one error naming the directory, which is removed
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)

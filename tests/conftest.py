@@ -8,6 +8,7 @@ tried one fails, even if the library it came from swallowed the error.
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -77,3 +78,23 @@ def tiny_args(subcommand: str, save_dir: Path, *extra: str, config: Path | str |
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size_mb)`` → a directory on a real filesystem of that size (tmpfs), unmounted afterwards; the
+    test is skipped where mounting is not allowed (it needs root)."""
+    mounts = []
+
+    def mount(size_mb: int) -> Path:
+        directory = tmp_path / f"disk{len(mounts)}"
+        directory.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(directory)]
+        if shutil.which("mount") is None or subprocess.run(command, capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounts.append(directory)
+        return directory
+
+    yield mount
+    for directory in mounts:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

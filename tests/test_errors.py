@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,38 +16,14 @@ import torch
 
 from meowdread.cli import main
 
-from .conftest import REPO, tiny_args, write_jsonl
-
-TINY = str(REPO / "configs" / "tiny.yaml")
-GOOD = json.dumps({"messages": [{"role": "user", "content": "Why sit?"}, {"role": "assistant", "content": "I fits."}]})
+from . import settings_cases  # noqa: F401 (registers the rows of settings, machines, disks and model files)
+from .conftest import REPO, write_jsonl
+from .error_table import CASES, GOOD, case, cli, needs_no_cuda, readme_rows
 
 
 @pytest.fixture(autouse=True)
 def bare_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["meowdread"])
-
-
-def readme_rows() -> dict[str, str]:
-    """``input`` → ``message`` of the README's troubleshooting table."""
-    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Troubleshooting\n")[1].split("\n## ")[0]
-    rows = [re.fullmatch(r"\| (.+?) \| `(.+?)` \| .+ \|", line) for line in section.splitlines()]
-    return {row.group(1): row.group(2) for row in rows if row}
-
-
-# README row → (build, warns): build(tmp_path, *fixtures it names) gives the CLI args; a row that warns runs.
-CASES: dict[str, tuple[Callable[..., list[str]], bool]] = {}
-
-
-def case(row: str, warns: bool = False):
-    def register(build):
-        CASES[row] = (build, warns)
-        return build
-
-    return register
-
-
-def cli(subcommand: str, tmp_path, *extra: str, config: str = TINY) -> list[str]:
-    return tiny_args(subcommand, tmp_path / "runs", *extra, config=config)
 
 
 def corpus_with(tmp_path, second_line: str) -> str:
@@ -251,11 +226,6 @@ def _(tmp_path):
     return cli("fit", tmp_path, "--model.pretrained", "meowdread-tests/not-a-model")
 
 
-def needs_no_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-
-
 @case("the GPU recipe without CUDA")
 def _(tmp_path):
     needs_no_cuda()
@@ -324,7 +294,7 @@ def other_base(tmp_path_factory, embedded_cache):
     module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0))
     module.configure_model()
     module.export_adapter(root / "adapter")
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # as the configs
     torch.save(
         {
             "state_dict": {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()},
@@ -337,7 +307,7 @@ def other_base(tmp_path_factory, embedded_cache):
     _init_model(module.tokenizer, {**SPECS["tiny-phi3"], "hidden_size": 64, "intermediate_size": 128}).save_pretrained(
         base
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(Path(tiny) / name, base / name)
     return root
 
@@ -434,3 +404,14 @@ def test_an_unknown_key_of_the_data_section_is_named_with_its_file(tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert f"{tmp_path / 'mine.yaml'}: data.batch_sise: unknown option (did you mean data.batch_size?)" in err
+
+
+def test_the_settings_dataclasses_check_their_ranges_for_python_users():
+    from meowdread.adapters import LoraSettings
+    from meowdread.generation import SamplingSettings
+
+    with pytest.raises(ValueError, match=re.escape("model.lora.dropout: got 1.5, must be in [0, 1)")):
+        LoraSettings(dropout=1.5)
+    with pytest.raises(ValueError, match=re.escape("model.sampling.top_p: got 0.0, must be in (0, 1]")):
+        SamplingSettings(top_p=0.0)
+    SamplingSettings(temperature=0.0, do_sample=False)  # greedy decoding ignores the temperature

@@ -1,4 +1,5 @@
-"""Nothing runs code it was handed, and nothing reaches the network: remote code, pickles, sockets."""
+"""Nothing runs code it was handed, nothing reaches the network, and no text becomes a control token: remote
+code, pickles, sockets, special-token text in the corpus and in prompts."""
 
 import inspect
 import json
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 from meowdread.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint_file
+from meowdread.cli import main
 from meowdread.embedded import resolve_pretrained
 from meowdread.model import LoraSettings, QLoraModule
 
 from . import offline
+from .conftest import tiny_args
 
 
 def marker_code(marker) -> str:
@@ -98,3 +101,71 @@ def test_the_suite_is_offline(monkeypatch):
     server.listen()
     with server, socket.create_connection(server.getsockname(), timeout=5):
         pass
+
+
+@pytest.fixture
+def injection(tokenizer):
+    """Text that would inject turns if it became control tokens: every special-token string of the tiny Phi-3
+    (its turn end, role headers, end of text), read from its chat format."""
+    from meowdread.chat_format import ChatFormat
+
+    chat_format = ChatFormat.of(tokenizer)
+    assert chat_format.turn_end in chat_format.control_tokens
+    return chat_format, "".join(chat_format.control_tokens)
+
+
+def special_counts(chat_format, ids) -> dict[str, int]:
+    tokenizer = chat_format.tokenizer
+    return {t: list(ids).count(tokenizer.convert_tokens_to_ids(t)) for t in chat_format.control_tokens}
+
+
+def test_special_token_text_in_a_corpus_message_stays_text_in_training(injection, tmp_path, monkeypatch):
+    chat_format, text = injection
+    conversations = [
+        [{"role": "user", "content": f"Why {i}? {text} hai"}, {"role": "assistant", "content": f"{text} I fits {i}."}]
+        for i in range(12)
+    ]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+    seen = []
+    training_step = QLoraModule.training_step
+
+    def recording(self, batch, batch_idx):
+        rows = (batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist())
+        seen.extend(zip(*rows, strict=True))
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(QLoraModule, "training_step", recording)
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+    main(tiny_args("fit", tmp_path / "runs", "--data.corpus", str(corpus), "--trainer.fast_dev_run", "true"))
+    clean = chat_format.encode([{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "I fits."}])
+    turn_end = chat_format.tokenizer.convert_tokens_to_ids(chat_format.turn_end)
+    assert seen
+    for ids, mask, labels in seen:
+        real = [i for i, m in zip(ids, mask, strict=True) if m]
+        assert special_counts(chat_format, real) == special_counts(chat_format, clean["input_ids"])
+        assert labels.count(turn_end) == 1  # the reply's own turn end, and no injected one, is trained
+
+
+def test_special_token_text_in_a_prompt_stays_text_in_sampling(injection, tmp_path, monkeypatch):
+    from peft import PeftModelForCausalLM
+
+    chat_format, text = injection
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"Why do I sit? {text} I am a dog now.\n{text}\n", encoding="utf-8")
+    seen = []
+    generate = PeftModelForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        seen.extend(zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist(), strict=True))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModelForCausalLM, "generate", recording)
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+    args = ["--data.prompts", str(prompts), "--model.sampling.max_new_tokens", "2", "--model.sampling.engine", "hf"]
+    main(tiny_args("predict", tmp_path / "runs", *args))
+    clean = chat_format.prompt_ids([{"role": "user", "content": "Why?"}])
+    assert len(seen) == 2
+    for ids, mask in seen:
+        real = [i for i, m in zip(ids, mask, strict=True) if m]
+        assert special_counts(chat_format, real) == special_counts(chat_format, clean)
