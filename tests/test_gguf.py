@@ -1,0 +1,149 @@
+"""``meowdread export --format gguf``: LoRA merged, written as GGUF, loaded back by transformers' own GGUF reader
+(``from_pretrained(dir, gguf_file=...)``), with the merged model's logits and the tokenizer's ids (offline, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from meowdread.chat_format import ChatFormat
+from meowdread.cli import main
+from meowdread.data import collate, load_tokenizer, read_conversations
+from meowdread.export import export
+from meowdread.model import LoraSettings, QLoraModule
+
+from .conftest import CORPUS, tiny_args
+from .test_export import corpus_batch, lora_module, relative_error
+
+# SmolLM2's chat template (ChatML, with a default system prompt), for the tiny Llama below.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def stock(directory, **kwargs):
+    """A model as stock transformers loads it, in fp32 (a GGUF with ``gguf_file``)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory, embedded_cache):
+    """The tiny 4-bit Phi-3 with a perturbed LoRA saved as an adapter, and the merged model's fp32 logits on four
+    corpus conversations (and the base's, without the adapter)."""
+    root = tmp_path_factory.mktemp("gguf-phi3")
+    module = lora_module("bfloat16")
+    module.export_adapter(root / "adapter")
+    batch = corpus_batch(module.tokenizer)
+    with torch.inference_mode(), module.model.disable_adapter():
+        base = module(batch["input_ids"], batch["attention_mask"]).float()
+    # The reference is the merged HF export of the saved adapter, as stock transformers loads it in fp32.
+    saved = QLoraModule(pretrained="embedded:tiny-phi3", adapter=str(root / "adapter"), gradient_checkpointing=False)
+    saved.configure_model()
+    export(saved, root / "hf")
+    return root, batch, logits(stock(root / "hf"), batch), base
+
+
+@pytest.mark.parametrize(
+    "gguf_type, tolerance",
+    [
+        # bf16 weights are exact in f16 but for the tiniest (f16 subnormals); measured 3.3e-7.
+        ("f16", 1e-5),
+        # 8-bit blocks of 32 with one scale each; measured 1.4e-2 on this 128-wide model.
+        ("q8_0", 3e-2),
+    ],
+)
+def test_the_gguf_export_loads_back_with_the_merged_models_logits(phi3, gguf_type, tolerance, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    root, batch, reference, base = phi3
+    out = tmp_path / "exported"
+    main(
+        tiny_args(
+            "export", tmp_path / "runs", "--model.adapter", str(root / "adapter"), "--format", "gguf",
+            "--gguf_type", gguf_type, "--output", str(out),
+        )
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert "model.gguf" in capsys.readouterr().out
+    mask = batch["attention_mask"]
+    assert relative_error(base, reference, mask) > 0.5  # the adapter matters, so the match below can fail
+
+    model = stock(out, gguf_file="model.gguf")
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    assert relative_error(logits(model, batch), reference, mask) < tolerance
+
+    ours, theirs = load_tokenizer("embedded:tiny-phi3"), AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    chat = ChatFormat.of(ours)
+    text = chat.render(read_conversations(CORPUS)[0][:2], add_generation_prompt=True)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours(text, add_special_tokens=False)["input_ids"]
+    assert theirs.chat_template == ours.chat_template
+    for special in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(theirs, special) == getattr(ours, special), special
+
+    modelfile = (out / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith("FROM ./model.gguf\n") and 'TEMPLATE """' in modelfile
+    stops = [json.loads(line.removeprefix("PARAMETER stop ")) for line in modelfile.splitlines() if "stop" in line]
+    assert stops == ours.convert_ids_to_tokens(list(chat.stop_ids)) and chat.turn_end in stops
+
+
+def test_a_tiny_llama_with_tied_embeddings_and_chatml_round_trips(tmp_path, embedded_cache):
+    """A Llama (SmolLM2's shape in small: grouped-query attention, tied embeddings, ChatML) through the same
+    export: q/k are permuted for llama.cpp and back by transformers' reader, and no output.weight is written."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("embedded:tiny-phi3")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token = CHATML, "<|im_end|>", "<|im_end|>"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+
+    def perturbed():
+        module = QLoraModule(
+            pretrained=str(tmp_path / "llama"),
+            lora=LoraSettings(dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+            gradient_checkpointing=False,
+        )
+        module.configure_model()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        return module
+
+    module = perturbed()
+    chat = ChatFormat.of(module.tokenizer)
+    batch = collate([chat.encode(c) for c in read_conversations(CORPUS)[:4]], pad_id=chat.pad_id)
+    export(module, tmp_path / "hf")
+    reference = logits(stock(tmp_path / "hf"), batch)
+    module = perturbed()  # the same weights again: export consumed the first
+    export(module, tmp_path / "out", format="gguf", gguf_type="f16")
+
+    names = [t.name for t in gguf.GGUFReader(tmp_path / "out" / "model.gguf").tensors]
+    assert "output.weight" not in names and "blk.0.attn_q.weight" in names
+    model = stock(tmp_path / "out", gguf_file="model.gguf")
+    assert model.config.tie_word_embeddings and type(model).__name__ == "LlamaForCausalLM"
+    assert relative_error(logits(model, batch), reference, batch["attention_mask"]) < 2e-4
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    text = ChatFormat.of(tokenizer).render(read_conversations(CORPUS)[0], add_generation_prompt=True)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    modelfile = (tmp_path / "out" / "Modelfile").read_text(encoding="utf-8")
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and 'TEMPLATE """' in modelfile
