@@ -2,6 +2,7 @@
 (``from_pretrained(dir, gguf_file=...)``), with the merged model's logits and the tokenizer's ids (offline, CPU)."""
 
 import json
+from itertools import pairwise
 
 import pytest
 import torch
@@ -147,3 +148,100 @@ def test_a_tiny_llama_with_tied_embeddings_and_chatml_round_trips(tmp_path, embe
     assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
     modelfile = (tmp_path / "out" / "Modelfile").read_text(encoding="utf-8")
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and 'TEMPLATE """' in modelfile
+
+
+def sentencepiece_style_tokenizer():
+    """A tokenizer shaped like Phi-3-mini's (and Llama 2's): BPE over a vocabulary that starts with <unk>, <s>,
+    </s> and the 256 byte tokens, with byte fallback, and spaces turned into ▁ by the normalizer; Phi-3's
+    special tokens added after it. Trained on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from meowdread.embedded import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, _corpus_texts
+
+    first = ["<unk>", "<s>", "</s>"]
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=first, show_progress=False)
+    learner.train_from_iterator(_corpus_texts(CORPUS), trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    pieces = sorted((t for t in learned["vocab"] if t not in first), key=learned["vocab"].get)
+    vocab = {t: i for i, t in enumerate(first + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizer
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(first)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in PHI3_SPECIAL_TOKENS if t.startswith("<|")],
+        chat_template=PHI3_CHAT_TEMPLATE,
+    )
+
+
+def llama_cpp_spm_ids(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """What llama.cpp's sentencepiece tokenizer makes of plain ``text`` from a GGUF's tokens and scores: start
+    from characters, merge the adjacent pair whose join is a token of the highest score (leftmost on ties)
+    until none is, and spell what is left over in byte tokens."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    symbols = list("\u2581" + text.replace(" ", "\u2581"))
+    while True:
+        pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(pairwise(symbols)) if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return [
+        j
+        for symbol in symbols
+        for j in ([ids[symbol]] if symbol in ids else [ids[f"<0x{b:02X}>"] for b in symbol.encode("utf-8")])
+    ]
+
+
+def test_a_sentencepiece_style_vocabulary_round_trips_with_scores_byte_tokens_and_padding(tmp_path):
+    """Phi-3-mini's tokenizer is sentencepiece-style BPE, and its embedding has more rows (32064) than the
+    tokenizer has tokens (32011): the file holds ``llama`` tokens with scores and byte types, padded to the rows."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from meowdread.embedded import SPECS, _init_model
+    from meowdread.gguf_export import write_gguf
+
+    tokenizer = sentencepiece_style_tokenizer()
+    model = _init_model(tokenizer, {**SPECS["tiny-phi3"], "model_vocab_size": len(tokenizer) + 13})
+    model.save_pretrained(tmp_path / "hf")
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    field = reader.get_field("tokenizer.ggml.model")
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    types = reader.get_field("tokenizer.ggml.token_type")
+    types = [int(types.parts[i][0]) for i in types.data]
+    assert len(types) == model.config.vocab_size and types[-13:] == [gguf.TokenType.UNUSED] * 13
+    assert types[3:259] == [gguf.TokenType.BYTE] * 256 and types[tokenizer.convert_tokens_to_ids("<|end|>")] == 3
+
+    tokens, scores = (reader.get_field(f"tokenizer.ggml.{key}") for key in ("tokens", "scores"))
+    tokens = [bytes(tokens.parts[i]).decode() for i in tokens.data]
+    scores = [float(scores.parts[i][0]) for i in scores.data]
+    for plain in [line for c in read_conversations(CORPUS)[:5] for m in c for line in [m["content"]]] + ["Ça  va 🐈"]:
+        assert llama_cpp_spm_ids(plain, tokens, scores) == tokenizer(plain, add_special_tokens=False)["input_ids"]
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    conversation = [{"role": "user", "content": "Why do  cats sit in boxes? 🐈 Ça va"}]
+    text = ChatFormat.of(tokenizer).render(conversation, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+    assert tokenizer.convert_tokens_to_ids("<0xF0>") in ids  # the emoji fell back to bytes
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    reference = logits(stock(tmp_path / "hf"), batch)
+    assert (
+        relative_error(logits(stock(tmp_path, gguf_file="model.gguf"), batch), reference, batch["attention_mask"])
+        < 1e-5
+    )
