@@ -57,10 +57,10 @@ def check_supported(config) -> tuple[str, bool]:
     naming ``--format`` for a model this export cannot write."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        names = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
+        names = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
         raise ValueError(
-            f"--format gguf: {names} (model_type {model_type!r}) is not supported; GGUF export writes "
-            f"{sorted(ARCHITECTURES)}. Use --format hf and llama.cpp's convert_hf_to_gguf.py"
+            f"--format gguf: model_type {model_type!r} ({names}) is not supported: GGUF export writes phi3, llama, "
+            "mistral and qwen2 models. Use --format hf, then llama.cpp's convert_hf_to_gguf.py"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
