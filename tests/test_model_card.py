@@ -103,3 +103,18 @@ def test_a_card_without_a_fit_names_the_base_and_its_license(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# A base\n", encoding="utf-8")
     assert base_license(str(tmp_path)) == "apache-2.0"
     assert base_license("microsoft/Phi-3-mini-4k-instruct") == "mit"
+
+
+def test_auto_peft_finds_the_base_by_the_recorded_id(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from meowdread.embedded import resolve_pretrained
+    from meowdread.model import QLoraModule
+
+    local = resolve_pretrained("embedded:tiny-phi3")  # a local directory, as a user may give
+    module = QLoraModule(pretrained=local, gradient_checkpointing=False)
+    module.configure_model()
+    module.export_adapter(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == local
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert type(model.get_base_model()).__name__ == "Phi3ForCausalLM"
