@@ -54,7 +54,10 @@ def merge_lora(peft_model, dtype: torch.dtype):
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     config = peft_model.peft_config[peft_model.active_adapter]
-    lora = get_peft_model_state_dict(peft_model)
+    # The embedding is never resized here; "auto" would look the base id up (on the hub, for a hub id).
+    lora = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    # An adapter folder names its base by the id the user gave; the model in hand is that base, loaded.
+    config.base_model_name_or_path = None
     base = peft_model.unload()  # the LoRA layers removed, nothing merged
     if getattr(base, "is_quantized", False):
         base.dequantize(dtype=dtype)  # also drops the quantization config

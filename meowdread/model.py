@@ -390,16 +390,13 @@ class QLoraModule(pl.LightningModule):
             log.info("adapter saved to %s", path)
 
     def export_adapter(self, directory: str | Path, trainer: pl.Trainer | None = None) -> Path:
-        """Save the adapter in peft's format, with the tokenizer and a model card (with the data, settings,
-        metrics and samples of ``trainer``'s finished ``fit``), replacing ``directory`` atomically.
-
-        ``adapter_config.json`` names the base by ``model.pretrained`` as given, not by the path it resolved to.
-        """
+        """Save the adapter in peft's format with the tokenizer and a model card (:mod:`meowdread.model_card`:
+        with ``trainer``'s data, settings, metrics and samples after ``fit``), replacing ``directory`` atomically."""
         directory = Path(directory)
         self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
+        self.model.save_pretrained(staging, save_embedding_layers=False)  # never resized; "auto" asks the hub
         self.tokenizer.save_pretrained(staging)
         write_card(staging, self, trainer)
         old = directory.with_name(directory.name + ".old")

@@ -148,7 +148,7 @@ def _data(datamodule) -> list[str]:
         "- Trained on: every assistant reply with its turn end; system and user turns are context only.",
     ]
     if card.is_file():
-        lines.append(f"- Data card: `{card.parent.name}/{card.name}` beside the corpus (how it was written, content, license).")
+        lines.append(f"- Data card: `{card.parent.name}/{card.name}` beside the corpus (how it was written, license).")
     return lines
 
 

@@ -16,14 +16,6 @@ from meowdread.model import LoraSettings, QLoraModule
 from .conftest import CORPUS, tiny_args
 from .test_export import corpus_batch, lora_module, relative_error
 
-# SmolLM2's chat template (ChatML, with a default system prompt), for the tiny Llama below.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def stock(directory, **kwargs):
     """A model as stock transformers loads it, in fp32 (a GGUF with ``gguf_file``)."""
@@ -97,57 +89,51 @@ def test_the_gguf_export_loads_back_with_the_merged_models_logits(phi3, gguf_typ
     assert stops == ours.convert_ids_to_tokens(list(chat.stop_ids)) and chat.turn_end in stops
 
 
-def test_a_tiny_llama_with_tied_embeddings_and_chatml_round_trips(tmp_path, embedded_cache):
-    """A Llama (SmolLM2's shape in small: grouped-query attention, tied embeddings, ChatML) through the same
-    export: q/k are permuted for llama.cpp and back by transformers' reader, and no output.weight is written."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tiny_models_of_the_llama_family_and_qwen2_round_trip(family, tmp_path, embedded_cache):
+    """Llama (SmolLM2's shape in small: grouped-query attention, tied embeddings, ChatML with a default system
+    prompt), Qwen2 (q/k/v biases) and Mistral ([INST] turns), each with a LoRA merged: q/k are permuted for
+    llama.cpp (and back by transformers' reader) where the architecture wants it, and tied embeddings write no
+    output.weight."""
     import gguf
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = load_tokenizer("embedded:tiny-phi3")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token = CHATML, "<|im_end|>", "<|im_end|>"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    from meowdread.gguf_export import write_gguf
+    from meowdread.modelfile import modelfile
 
-    def perturbed():
-        module = QLoraModule(
-            pretrained=str(tmp_path / "llama"),
-            lora=LoraSettings(dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
-            gradient_checkpointing=False,
-        )
-        module.configure_model()
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        return module
+    from .tiny_models import FAMILIES, build_model_dir
 
-    module = perturbed()
-    chat = ChatFormat.of(module.tokenizer)
+    module = QLoraModule(
+        pretrained=str(build_model_dir(family, CORPUS, tmp_path / family)),
+        lora=LoraSettings(dropout=0.0),
+        gradient_checkpointing=False,
+    )
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    tokenizer, chat = module.tokenizer, ChatFormat.of(module.tokenizer)
     batch = collate([chat.encode(c) for c in read_conversations(CORPUS)[:4]], pad_id=chat.pad_id)
-    export(module, tmp_path / "hf")
+    export(module, tmp_path / "hf")  # merged, in bf16
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    write_gguf(merged, tokenizer, tmp_path / "model.gguf", "f16")
+
+    names = [t.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors]
+    assert ("output.weight" in names) == (family != "llama") and "blk.0.attn_q.weight" in names
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    model = stock(tmp_path, gguf_file="model.gguf")
+    assert model.config.tie_word_embeddings == (family == "llama")
     reference = logits(stock(tmp_path / "hf"), batch)
-    module = perturbed()  # the same weights again: export consumed the first
-    export(module, tmp_path / "out", format="gguf", gguf_type="f16")
+    assert relative_error(logits(model, batch), reference, batch["attention_mask"]) < 1e-5
 
-    names = [t.name for t in gguf.GGUFReader(tmp_path / "out" / "model.gguf").tensors]
-    assert "output.weight" not in names and "blk.0.attn_q.weight" in names
-    model = stock(tmp_path / "out", gguf_file="model.gguf")
-    assert model.config.tie_word_embeddings and type(model).__name__ == "LlamaForCausalLM"
-    assert relative_error(logits(model, batch), reference, batch["attention_mask"]) < 2e-4
-
-    theirs = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
-    text = ChatFormat.of(tokenizer).render(read_conversations(CORPUS)[0], add_generation_prompt=True)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    text = chat.render(read_conversations(CORPUS)[0], add_generation_prompt=True)
     assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
-    modelfile = (tmp_path / "out" / "Modelfile").read_text(encoding="utf-8")
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and 'TEMPLATE """' in modelfile
+    text = modelfile(tokenizer)
+    assert f'PARAMETER stop "{FAMILIES[family]["turn_end"]}"' in text
+    assert ('TEMPLATE """' in text) == (family != "mistral")  # [INST] closes no user turn: no Go template
+    assert ('SYSTEM """You are a helpful cat."""' in text) == (family == "llama")
 
 
 def sentencepiece_style_tokenizer():
