@@ -97,13 +97,9 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if format == "gguf":
-            from meowdread.gguf_export import write_gguf
-            from meowdread.modelfile import modelfile
+            from meowdread.gguf_export import save_gguf
 
-            staging.mkdir()
-            name = module.hparams.pretrained.split(":")[-1].split("/")[-1] + "-meowdread"
-            write_gguf(model, module.tokenizer, staging / "model.gguf", gguf_type, name=name)
-            (staging / "Modelfile").write_text(modelfile(module.tokenizer, "model.gguf"), encoding="utf-8")
+            save_gguf(staging, model, module.tokenizer, gguf_type, module.hparams.pretrained, module.sampling)
         else:
             model.save_pretrained(staging)  # safetensors
             module.tokenizer.save_pretrained(staging)

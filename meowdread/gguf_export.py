@@ -71,6 +71,18 @@ def check_supported(config) -> tuple[str, bool]:
     return ARCHITECTURES[model_type]
 
 
+def save_gguf(directory: Path, model, tokenizer, gguf_type: str, base: str, sampling=None) -> None:
+    """``model.gguf`` and its Ollama ``Modelfile`` (:mod:`meowdread.modelfile`) in a new ``directory``; ``base``
+    is ``model.pretrained``, which names the model in the file."""
+    from meowdread.modelfile import modelfile
+
+    directory.mkdir()
+    write_gguf(
+        model, tokenizer, directory / "model.gguf", gguf_type, name=base.split(":")[-1].split("/")[-1] + "-meowdread"
+    )
+    (directory / "Modelfile").write_text(modelfile(tokenizer, "model.gguf", sampling), encoding="utf-8")
+
+
 def write_gguf(model, tokenizer, path: str | Path, gguf_type: str = "f16", name: str | None = None) -> Path:
     """Write ``model`` (merged, unquantized) and ``tokenizer`` to the GGUF file ``path``; return it."""
     import gguf

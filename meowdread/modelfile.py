@@ -1,5 +1,6 @@
 """An Ollama ``Modelfile`` for an exported GGUF: ``FROM`` the file, the chat template as a Go ``TEMPLATE``, the
-template's default system prompt as ``SYSTEM``, and one ``PARAMETER stop`` for every id the sampler stops on.
+template's default system prompt as ``SYSTEM``, one ``PARAMETER stop`` for every id the sampler stops on, and
+the temperature and top-p of ``model.sampling``.
 
     ollama create meowcat -f exported/phi3/Modelfile && ollama run meowcat
 
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 _MARK = "meowdreadmodelfilemark{}"  # a plain word no tokenizer treats specially, numbered per message
 
 
-def modelfile(tokenizer, gguf_name: str = "model.gguf") -> str:
-    """The text of a ``Modelfile`` that runs ``./gguf_name`` with ``tokenizer``'s chat format."""
+def modelfile(tokenizer, gguf_name: str = "model.gguf", sampling=None) -> str:
+    """The text of a ``Modelfile`` that runs ``./gguf_name`` with ``tokenizer``'s chat format, and samples as
+    ``sampling`` (a :class:`meowdread.generation.SamplingSettings`) says, if given."""
     from meowdread.chat_format import ChatFormat
 
     chat = ChatFormat.of(tokenizer)
@@ -36,6 +38,9 @@ def modelfile(tokenizer, gguf_name: str = "model.gguf") -> str:
     if chat.default_system:
         lines.append(f'SYSTEM """{chat.default_system}"""')
     lines += [f"PARAMETER stop {json.dumps(token)}" for token in tokenizer.convert_ids_to_tokens(list(chat.stop_ids))]
+    if sampling is not None:  # as predict and chat sample; temperature 0 is greedy in Ollama
+        lines.append(f"PARAMETER temperature {sampling.temperature if sampling.do_sample else 0}")
+        lines += [f"PARAMETER top_p {sampling.top_p}"] if sampling.do_sample else []
     return "\n".join(lines) + "\n"
 
 

@@ -63,7 +63,7 @@ def test_the_gguf_export_loads_back_with_the_merged_models_logits(phi3, gguf_typ
     main(
         tiny_args(
             "export", tmp_path / "runs", "--model.adapter", str(root / "adapter"), "--format", "gguf",
-            "--gguf_type", gguf_type, "--output", str(out),
+            "--gguf_type", gguf_type, "--output", str(out), "--model.sampling.temperature", "0.5",
         )
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
@@ -87,6 +87,7 @@ def test_the_gguf_export_loads_back_with_the_merged_models_logits(phi3, gguf_typ
     assert modelfile.startswith("FROM ./model.gguf\n") and 'TEMPLATE """' in modelfile
     stops = [json.loads(line.removeprefix("PARAMETER stop ")) for line in modelfile.splitlines() if "stop" in line]
     assert stops == ours.convert_ids_to_tokens(list(chat.stop_ids)) and chat.turn_end in stops
+    assert "PARAMETER temperature 0.5\nPARAMETER top_p 0.9\n" in modelfile  # model.sampling, as predict samples
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
