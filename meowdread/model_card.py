@@ -77,7 +77,7 @@ def render_card(module, trainer=None) -> str:
         f"- {tag}" for tag in (f"base_model:adapter:{base}", "lora", "qlora", "peft", "transformers", "meowdread")
     ]
     lora, quant = module.lora, module.quantization
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    targets = _targets(module)
     lines = front + [
         "---",
         "",
@@ -102,6 +102,14 @@ def render_card(module, trainer=None) -> str:
     if license_ is None:
         lines += ["", f"License: that of {base}; see its model card."]
     return "\n".join(lines) + "\n"
+
+
+def _targets(module) -> str:
+    """The modules the adapter is on: peft's resolved names (``all-linear`` becomes a list), else as configured."""
+    model, targets = module.model, module.lora.target_modules
+    if model is not None and hasattr(model, "peft_config"):
+        targets = model.peft_config[model.active_adapter].target_modules
+    return targets if isinstance(targets, str) else ", ".join(sorted(targets))
 
 
 def _usage(base: str) -> list[str]:
@@ -161,7 +169,7 @@ def _training(module, trainer) -> list[str]:
         ("LoRA", f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}"),
         (
             "LoRA targets",
-            lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules),
+            _targets(module),
         ),
         (
             "quantization",

@@ -52,6 +52,7 @@ def test_the_adapter_folder_has_a_real_model_card_and_names_the_base_as_given(fi
     conversations = len(read_conversations(CORPUS))
     assert f"`cat_corpus.jsonl`, {conversations} conversations" in card and "`data/README.md`" in card
     assert "| LoRA | r 16, alpha 32, dropout 0.0 |" in card and "| optimizer | AdamW, lr 0.003," in card
+    assert "| LoRA targets | down_proj, gate_up_proj, o_proj, qkv_proj |" in card  # all-linear, as peft resolved it
     assert f"| epochs | {EPOCHS} of {EPOCHS} (" in card
 
     # The final metrics are the run's own: val/loss as TensorBoard holds it.
