@@ -139,18 +139,17 @@ def _usage(base: str) -> list[str]:
 
 
 def _data(datamodule) -> list[str]:
-    from meowdread.data import read_conversations
-
     hp = datamodule.hparams
     corpus = Path(hp.corpus)
     card = corpus.parent / "README.md"
     train, val = len(datamodule.train_set), len(datamodule.val_set)
-    left_out = len(read_conversations(corpus)) - train - val
+    left_out = len(datamodule.read()) - train - val
+    shown = corpus.name if corpus.is_file() else hp.corpus  # a file by its name; a folder or hub id as given
     lines = [
         "",
         "## Data",
         "",
-        f"- Corpus: `{corpus.name}`, {train + val + left_out} conversations (chat messages, JSON lines): {train} "
+        f"- Corpus: `{shown}`, {train + val + left_out} conversations (`{hp.format}` records): {train} "
         f"training examples and {val} for validation (`val_fraction` {hp.val_fraction}, seed {hp.seed}), at most "
         f"{hp.max_length} tokens each" + (f"; {left_out} longer ones left out." if left_out else "."),
         "- Trained on: every assistant reply with its turn end; system and user turns are context only.",

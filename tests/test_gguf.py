@@ -9,8 +9,9 @@ import torch
 
 from meowdread.chat_format import ChatFormat
 from meowdread.cli import main
-from meowdread.data import collate, load_tokenizer, read_conversations
+from meowdread.data import collate, load_tokenizer
 from meowdread.export import export
+from meowdread.formats import read_corpus
 from meowdread.model import LoraSettings, QLoraModule
 
 from .conftest import CORPUS, tiny_args
@@ -77,7 +78,7 @@ def test_the_gguf_export_loads_back_with_the_merged_models_logits(phi3, gguf_typ
 
     ours, theirs = load_tokenizer("embedded:tiny-phi3"), AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
     chat = ChatFormat.of(ours)
-    text = chat.render(read_conversations(CORPUS)[0][:2], add_generation_prompt=True)
+    text = chat.render(read_corpus(CORPUS)[0][:2], add_generation_prompt=True)
     assert theirs(text, add_special_tokens=False)["input_ids"] == ours(text, add_special_tokens=False)["input_ids"]
     assert theirs.chat_template == ours.chat_template
     for special in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -115,7 +116,7 @@ def test_tiny_models_of_the_llama_family_and_qwen2_round_trip(family, tmp_path, 
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     tokenizer, chat = module.tokenizer, ChatFormat.of(module.tokenizer)
-    batch = collate([chat.encode(c) for c in read_conversations(CORPUS)[:4]], pad_id=chat.pad_id)
+    batch = collate([chat.encode(c) for c in read_corpus(CORPUS)[:4]], pad_id=chat.pad_id)
     export(module, tmp_path / "hf")  # merged, in bf16
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
     write_gguf(merged, tokenizer, tmp_path / "model.gguf", "f16")
@@ -129,7 +130,7 @@ def test_tiny_models_of_the_llama_family_and_qwen2_round_trip(family, tmp_path, 
     assert relative_error(logits(model, batch), reference, batch["attention_mask"]) < 1e-5
 
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
-    text = chat.render(read_conversations(CORPUS)[0], add_generation_prompt=True)
+    text = chat.render(read_corpus(CORPUS)[0], add_generation_prompt=True)
     assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
     text = modelfile(tokenizer)
     assert f'PARAMETER stop "{FAMILIES[family]["turn_end"]}"' in text
@@ -217,7 +218,7 @@ def test_a_sentencepiece_style_vocabulary_round_trips_with_scores_byte_tokens_an
     tokens, scores = (reader.get_field(f"tokenizer.ggml.{key}") for key in ("tokens", "scores"))
     tokens = [bytes(tokens.parts[i]).decode() for i in tokens.data]
     scores = [float(scores.parts[i][0]) for i in scores.data]
-    for plain in [line for c in read_conversations(CORPUS)[:5] for m in c for line in [m["content"]]] + ["Ça  va 🐈"]:
+    for plain in [line for c in read_corpus(CORPUS)[:5] for m in c for line in [m["content"]]] + ["Ça  va 🐈"]:
         assert llama_cpp_spm_ids(plain, tokens, scores) == tokenizer(plain, add_special_tokens=False)["input_ids"]
 
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")

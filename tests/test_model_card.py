@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meowdread.cli import main
-from meowdread.data import read_conversations, read_prompts
+from meowdread.formats import read_corpus, read_prompts
 from meowdread.model_card import base_license, render_card
 
 from .conftest import CORPUS, PROMPTS, tiny_args
@@ -49,8 +49,8 @@ def test_the_adapter_folder_has_a_real_model_card_and_names_the_base_as_given(fi
     assert "- base_model:adapter:embedded:tiny-phi3\n" in front
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:tiny-phi3"
 
-    conversations = len(read_conversations(CORPUS))
-    assert f"`cat_corpus.jsonl`, {conversations} conversations" in card and "`data/README.md`" in card
+    conversations = len(read_corpus(CORPUS))
+    assert f"`cat_corpus.jsonl`, {conversations} conversations (`auto` records)" in card and "`data/README.md`" in card
     assert "| LoRA | r 16, alpha 32, dropout 0.0 |" in card and "| optimizer | AdamW, lr 0.003," in card
     assert "| LoRA targets | down_proj, gate_up_proj, o_proj, qkv_proj |" in card  # all-linear, as peft resolved it
     assert f"| epochs | {EPOCHS} of {EPOCHS} (" in card
