@@ -105,11 +105,12 @@ def render_card(module, trainer=None) -> str:
 
 
 def _targets(module) -> str:
-    """The modules the adapter is on: peft's resolved names (``all-linear`` becomes a list), else as configured."""
+    """The modules the adapter is on, by their own names: as peft resolved them (``all-linear`` becomes the
+    linear layers' names), else as configured."""
     model, targets = module.model, module.lora.target_modules
     if model is not None and hasattr(model, "peft_config"):
         targets = model.peft_config[model.active_adapter].target_modules
-    return targets if isinstance(targets, str) else ", ".join(sorted(targets))
+    return targets if isinstance(targets, str) else ", ".join(sorted({t.split(".")[-1] for t in targets}))
 
 
 def _usage(base: str) -> list[str]:
