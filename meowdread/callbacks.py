@@ -56,6 +56,8 @@ class SampleCallback(pl.Callback):
       checkpoint has its step 0 already; its first entry is the resumed weights' answers.
     - At the end of ``fit``, the run's hyperparameters with the final ``val/loss``, ``val/ppl`` and sample
       metrics (as ``hp/<name>`` scalars) go to TensorBoard's HParams tab: one comparable row per run.
+    - ``history`` keeps every entry's prompts, answers and metrics, for the adapter's model card
+      (:mod:`meowdread.model_card`), which puts the base model's answers beside the last ones.
 
     Only rank zero samples; the model's training mode and the RNG state are restored. The latest prompts,
     answers and per-answer scores stay on the callback (``last_prompts``, ``last_answers``, ``last_scores``).
@@ -77,6 +79,7 @@ class SampleCallback(pl.Callback):
         self.last_prompts: list[str] = []
         self.last_answers: list[str] = []
         self.last_scores: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # {label, step, base, prompts, answers, metrics} per entry
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Here, so that a bad lexicon stops the run before the model loads.
@@ -131,6 +134,10 @@ class SampleCallback(pl.Callback):
         scores, self.latest = self.compute_metrics(prompts, answers, nll, tokens)
         self.last_prompts, self.last_answers, self.last_scores = prompts, answers, scores
         seconds = time.perf_counter() - start
+        self.history.append(
+            {"label": label, "step": trainer.global_step, "base": base, "prompts": prompts, "answers": answers}
+            | {"metrics": dict(self.latest)}
+        )
         summary = " · ".join(f"{k} {number(v)}" for k, v in self.latest.items())
         rows = "\n".join(
             f"| {cell(prompt)} | {cell(answer)} | {describe_scores(score)} |"

@@ -41,6 +41,7 @@ from meowdread.checkpoints import (
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
+from meowdread.model_card import write_card
 
 log = logging.getLogger(__name__)
 
@@ -385,18 +386,20 @@ class QLoraModule(pl.LightningModule):
         # trainer.log_dir broadcasts rank zero's directory: every rank must ask, or rank zero waits forever.
         run_dir = Path(self.trainer.log_dir)
         if self.trainer.is_global_zero:
-            path = self.export_adapter(run_dir / "adapter")
+            path = self.export_adapter(run_dir / "adapter", trainer=self.trainer)
             log.info("adapter saved to %s", path)
 
-    def export_adapter(self, directory: str | Path) -> Path:
-        """Save the adapter in peft's format, with the tokenizer, replacing ``directory`` atomically."""
+    def export_adapter(self, directory: str | Path, trainer: pl.Trainer | None = None) -> Path:
+        """Save the adapter in peft's format with the tokenizer and a model card (:mod:`meowdread.model_card`:
+        with ``trainer``'s data, settings, metrics and samples after ``fit``), replacing ``directory`` atomically."""
         directory = Path(directory)
         self._check_finite({n: p for n, p in self.named_parameters() if p.requires_grad}, "the adapter")
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         with writing_directory(staging):  # a full disk: one error naming the directory, which is removed
-            self.model.save_pretrained(staging)
+            self.model.save_pretrained(staging, save_embedding_layers=False)  # never resized; "auto" asks the hub
             self.tokenizer.save_pretrained(staging)
+            write_card(staging, self, trainer)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)

@@ -344,6 +344,18 @@ def _(tmp_path):
     return cli("predict", tmp_path, "--model.adapter", str(tmp_path / "adapter"))
 
 
+@case("`--format gguf` for a model it does not write")
+def _(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "adapter").mkdir()  # what the pre-flight check of model.adapter looks for; never loaded here
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "adapter" / name).write_text("{}", encoding="utf-8")
+    model = ["--model.pretrained", str(tmp_path / "gpt2"), "--model.adapter", str(tmp_path / "adapter")]
+    return cli("export", tmp_path, *model, "--format", "gguf", "--output", str(tmp_path / "out"))
+
+
 @case("an output directory that cannot be written")
 def _(tmp_path):
     (tmp_path / "file").write_text("not a directory", encoding="utf-8")
