@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from meowdread import report
 from meowdread.generation import SamplingSettings, generate
 from meowdread.metrics import Lexicon, SampleMetrics, base_nll
+from meowdread.progress import TokenProgress
 from meowdread.report import cell, describe_scores, number
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class SampleCallback(pl.Callback):
 
     def generate(self, pl_module: pl.LightningModule, prompts: list[str], settings: SamplingSettings) -> list[str]:
         """The answers to ``prompts``, through the one sampler (:func:`meowdread.generation.generate`)."""
-        return generate(pl_module.model, pl_module.tokenizer, prompts, settings)
+        streamer = TokenProgress("sampling", settings.max_new_tokens)  # a line every 10 s of a long sampling
+        return generate(pl_module.model, pl_module.tokenizer, prompts, settings, streamer=streamer)
 
     def compute_metrics(
         self, prompts: list[str], answers: list[str], nll: torch.Tensor, tokens: torch.Tensor
@@ -120,10 +122,13 @@ class SampleCallback(pl.Callback):
             return
         prompts = trainer.datamodule.prompts[: self.num_prompts]
         model, tokenizer = pl_module.model, pl_module.tokenizer
+        settings = self.settings(pl_module)
+        if base:
+            log.info("sampling %d prompts (at most %d tokens each): %s", len(prompts), settings.max_new_tokens, label)
         start = time.perf_counter()
         with trainer.precision_plugin.forward_context():
             with model.disable_adapter() if base else contextlib.nullcontext():
-                answers = self.generate(pl_module, prompts, self.settings(pl_module))
+                answers = self.generate(pl_module, prompts, settings)
             nll, tokens = base_nll(model, tokenizer, prompts, answers)
         scores, self.latest = self.compute_metrics(prompts, answers, nll, tokens)
         self.last_prompts, self.last_answers, self.last_scores = prompts, answers, scores
@@ -186,9 +191,24 @@ class SampleCallback(pl.Callback):
         }
 
 
+def predictions_dir(ckpt_path: str | None, adapter: str | None, logs: str | Path) -> Path:
+    """Where ``predict`` writes: ``<run>/predictions`` for a checkpoint in a run's ``checkpoints/`` folder or for
+    a run's ``adapter/``; ``<logs>/predictions`` (``lightning_logs/predictions``) for anything else."""
+    if ckpt_path:
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent / "predictions"
+    elif adapter:
+        run = Path(adapter).parent
+        if (run / "checkpoints").is_dir() or (run / "config.yaml").is_file():
+            return run / "predictions"
+    return Path(logs) / "predictions"
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes the ``predict`` report to the run directory: ``predictions.jsonl``, ``predictions.md`` and
-    ``predictions_summary.json`` (see :mod:`meowdread.report`).
+    """Writes the ``predict`` report to ``trainer.log_dir``: ``predictions.jsonl``, ``predictions.md`` and
+    ``predictions_summary.json`` (see :mod:`meowdread.report`). The CLI runs ``predict`` without a logger and
+    with that directory set to :func:`predictions_dir`, so the report sits next to the run it came from.
 
     Every answer is scored (:class:`meowdread.metrics.SampleMetrics`), and so is the set of them. With
     ``model.compare_base``, the base model's answers are scored too and shown beside them.

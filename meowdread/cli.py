@@ -35,12 +35,15 @@ from pathlib import Path
 from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from meowdread import chat, export
+from meowdread import chat, export, progress, quiet
+from meowdread.__main__ import overview, wants_overview
+from meowdread.callbacks import predictions_dir
 from meowdread.checkpoints import SafeCheckpointIO, SaveOnInterrupt
 from meowdread.checks import check_config, explain_parse_error
 from meowdread.data import CatCorpusDataModule
@@ -132,6 +135,19 @@ class MeowCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(self._last_checkpoint(config))
         check_config(self.subcommand, config)
+        if self.subcommand == "predict":
+            self._predict_without_logger(config)
+
+    def _predict_without_logger(self, config) -> None:
+        """predict writes its report (and config.yaml) to the predictions folder of the run it predicts from,
+        with no logger: a logger would make an empty TensorBoard run of every predict."""
+        logger = config.trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        logs = Path(init.get("save_dir") or ".") / (init.get("name") or "lightning_logs") if init else None
+        logs = logs or config.trainer.default_root_dir or "."
+        out = predictions_dir(config.get("ckpt_path"), config.model.get("adapter"), logs)
+        config.trainer.logger = False
+        config.trainer.default_root_dir = str(out)
 
     def _last_checkpoint(self, config) -> Path:
         logger = config.trainer.get("logger")
@@ -144,7 +160,7 @@ class MeowCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path last: no */checkpoints/last.ckpt under {root}; run fit first")
         if self.subcommand == "fit":  # resume in the same run directory
             init.version = last.parent.parent.name
-        print(f"--ckpt_path last: {last}", file=sys.stderr)
+        log.info("--ckpt_path last: %s", last)
         return last
 
     def instantiate_classes(self) -> None:
@@ -158,6 +174,11 @@ class MeowCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, progress.default_bar()])
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # unless the config chose another
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
@@ -233,13 +254,23 @@ _log_handler.addFilter(lambda record: rank_zero_only.rank == 0)
 
 
 def main(args: list[str] | None = None) -> None:
+    """``meowdread``: see ``meowdread --help`` (:mod:`meowdread.__main__`) and ``meowdread SUBCOMMAND --help``."""
+    argv, verbose = quiet.verbose_requested(sys.argv[1:] if args is None else list(args))
+    if args is None:
+        sys.argv[1:] = argv  # without --verbose, which LightningCLI does not know
+    else:
+        args = argv
+    if wants_overview(argv):
+        overview().print_help()
+        return
+    quiet.install(verbose)
+    progress.library_bars()
     package_log = logging.getLogger("meowdread")
     package_log.addHandler(_log_handler)  # a no-op when already added
     package_log.setLevel(logging.INFO)
     # bitsandbytes suggests a faster CPU kernel from the `kernels` package, which downloads it from the hub:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    argv = sys.argv[1:] if args is None else args
     # A class path such as --model my_pkg.MyModule imports from the working directory, as under `python -m`;
     # appended last, so that nothing there shadows an installed module.
     if os.getcwd() not in sys.path:
