@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from meowdread.chat_format import ChatFormat
+from meowdread.checkpoints import umask_modes
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:
@@ -85,6 +86,7 @@ def export(module, output: str | Path, overwrite: bool = False) -> list[Path]:
     try:
         model.save_pretrained(staging)  # safetensors
         module.tokenizer.save_pretrained(staging)
+        umask_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

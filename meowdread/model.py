@@ -37,6 +37,7 @@ from meowdread.checkpoints import (
     rng_states,
     saved_checkpoints,
     set_rng_states,
+    umask_modes,
 )
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
@@ -396,6 +397,7 @@ class QLoraModule(pl.LightningModule):
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
+        umask_modes(staging)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)
