@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from meowdread import report
+from meowdread.board import log_hparams, scalars_layout
 from meowdread.generation import SamplingSettings, generate
 from meowdread.metrics import Lexicon, SampleMetrics, base_nll
 from meowdread.progress import TokenProgress
@@ -103,9 +104,19 @@ class SampleCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
+            self.write_layout(trainer)
             self.sample(trainer, pl_module, "base model (adapter disabled), before training", base=True)
         else:
             self.sample(trainer, pl_module, "resumed")
+
+    def write_layout(self, trainer: pl.Trainer) -> None:
+        """TensorBoard's Custom Scalars tab (once per run): the loss curves, then each sample metric on a chart of
+        its own, whose step 0 is the base model, so that base and tuned sit on one line."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(scalars_layout(list(self.metrics.versions)))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -159,7 +170,7 @@ class SampleCallback(pl.Callback):
         params = self.hyperparameters(trainer, pl_module)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, final, step=trainer.global_step)
+                log_hparams(logger, params, final, step=trainer.global_step)
 
     def hyperparameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The module's and data module's hyperparameters (as Lightning logs them at the start), with the

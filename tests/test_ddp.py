@@ -143,7 +143,7 @@ def test_predict_on_two_ranks_writes_every_prompt_once_in_file_order(runs):
     two, *_ = runs
     adapter = two / "lightning_logs" / "version_0" / "adapter"
     meowdread("predict", two, *ddp(2), "--model.adapter", str(adapter), "--model.sampling.max_new_tokens", "4")
-    rows = (two / "lightning_logs" / "version_1" / "predictions.jsonl").read_text().splitlines()
+    rows = (two / "lightning_logs" / "version_0" / "predictions" / "predictions.jsonl").read_text().splitlines()
     prompts = [p.strip() for p in PROMPTS.read_text().splitlines() if p.strip()]
     assert [json.loads(row)["prompt"] for row in rows] == prompts
 
