@@ -105,7 +105,7 @@ def test_both_ranks_end_with_the_same_trained_adapter(runs):
 
 def test_two_ranks_take_the_steps_of_one_process_over_the_same_examples(runs):
     """Each rank gets its own half of the same length-grouped batches, and the loss is the token mean over all
-    ranks: DDP's averaging and Lightning's accumulation are undone exactly (PITFALLS 8)."""
+    ranks: DDP's averaging and Lightning's accumulation are undone exactly (transformers #34191)."""
     two, one, out_two, out_one = runs
     assert trained_tokens(out_two) == trained_tokens(out_one) > 0  # SpeedMonitor counts every rank's tokens
     start_one, start_two = load(one, 0, "start"), load(two, 0, "start")
