@@ -35,17 +35,22 @@ def scalars_layout(lexicons: list[str]) -> dict[str, dict[str, list]]:
     }
 
 
-def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-    """``logger.log_hyperparams(params, metrics, step)`` with booleans shown as booleans in the HParams tab: torch's
-    ``hparams`` summary tests ``int`` before ``bool``, so True would be the number 1 (``isinstance(True, int)``)."""
+def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str], step: int) -> None:
+    """The run's row in the HParams tab: ``params`` (flattened as Lightning's ``log_hyperparams`` does, to
+    ``lora/r``), and as its metrics the last value of the scalar ``metrics`` (``val/loss``, ...).
+
+    Unlike ``logger.log_hyperparams(params, metrics)``, no one-point ``hp/*`` copies of the metrics are written,
+    which would open TensorBoard's scalar dashboards, and the values keep their types: torch's ``hparams``
+    summary tests ``int`` before ``bool``, so True would be the number 1, and the HParams tab prints every
+    number with 5 digits (16 as "16.000"), so integers are written as text, and booleans as booleans."""
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams
 
     logger.hparams.update(params)  # hparams.yaml, as log_hyperparams keeps it
-    flat = _sanitize_params(_flatten_dict(params))  # as log_hyperparams flattens them: "lora/r"
+    flat = _sanitize_params(_flatten_dict(params))
     booleans = {k for k, v in flat.items() if isinstance(v, bool)}
-    logger.log_metrics(metrics, step)
-    summaries = hparams(flat, metrics)
+    flat = {k: str(v) if isinstance(v, int) and k not in booleans else v for k, v in flat.items()}
+    summaries = hparams(flat, dict.fromkeys(metrics, 0.0))  # only the metrics' names are written
     for summary in summaries[:2]:  # the experiment (each hparam's type), the session start (each value)
         value = summary.value[0]
         data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)

@@ -53,8 +53,9 @@ class SampleCallback(pl.Callback):
     - The first entry, at step 0, is the base model: its answers are sampled with the adapter disabled, so
       every curve starts where the model started, also with ``model.adapter``. A run resumed from a
       checkpoint has its step 0 already; its first entry is the resumed weights' answers.
-    - At the end of ``fit``, the run's hyperparameters with the final ``val/loss``, ``val/ppl`` and sample
-      metrics (as ``hp/<name>`` scalars) go to TensorBoard's HParams tab: one comparable row per run.
+    - At fit's start, the Custom Scalars layout (:func:`meowdread.board.scalars_layout`); at its end, the run's
+      hyperparameters with the final ``val/loss``, ``val/ppl`` and sample metrics (the last point of each
+      curve) go to TensorBoard's HParams tab: one comparable row per run (:func:`meowdread.board.log_hparams`).
 
     Only rank zero samples; the model's training mode and the RNG state are restored. The latest prompts,
     answers and per-answer scores stay on the callback (``last_prompts``, ``last_answers``, ``last_scores``).
@@ -163,10 +164,9 @@ class SampleCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run or not self.latest:
             return
-        final = {f"hp/{k}": v for k, v in self.latest.items()}
-        for key in ("val/loss", "val/ppl"):
-            if key in trainer.callback_metrics:
-                final["hp/" + key.replace("/", "_")] = float(trainer.callback_metrics[key])
+        # The HParams tab shows each metric's last value: the final epoch's.
+        final = [key for key in ("val/loss", "val/ppl") if key in trainer.callback_metrics]
+        final += [f"samples/{k}" for k in self.latest]
         params = self.hyperparameters(trainer, pl_module)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
