@@ -29,6 +29,7 @@ def scalars_layout(lexicons: list[str]) -> dict[str, dict[str, list]]:
         "voice: step 0 is the base model, then one point per epoch": voice,
         "speed": {
             "trained tokens/s": chart("perf/trained_tokens_per_s"),
+            "trained tokens per optimizer step": chart("train/trained_tokens"),
             "peak GPU memory (GB)": chart("perf/peak_mem_gb"),
             "seconds spent sampling": chart("samples/seconds"),
         },

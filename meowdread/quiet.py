@@ -32,6 +32,8 @@ _LOG_NOTICES: tuple[tuple[str, str, str], ...] = (
     # lightning/pytorch/trainer/connectors/checkpoint_connector.py: the checkpoint the user named; meowdread
     # says which file `--ckpt_path last` picked.
     ("lightning.pytorch.utilities.rank_zero", r"(Restoring states|Loaded model weights) from the checkpoint", "given"),
+    # lightning/pytorch/trainer/setup.py `_init_debugging_flags`: the config's `limit_*_batches: 1`, restated.
+    ("lightning.pytorch.utilities.rank_zero", r"`Trainer\(\w+=1\)` was configured so 1 batch will be used", "restated"),
     # lightning/fabric/utilities/seed.py: the config's seed_everything, restated.
     ("lightning.fabric.utilities.seed", r"Seed set to ", "restated"),
     # transformers/integrations/bitsandbytes.py `dequantize_and_replace` (export): the dtype it was asked for.
