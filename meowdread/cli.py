@@ -36,13 +36,13 @@ from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from meowdread import chat, export, progress, quiet
-from meowdread.__main__ import overview, wants_overview
+from meowdread.__main__ import SUBCOMMANDS, overview, wants_overview
 from meowdread.callbacks import predictions_dir
 from meowdread.checkpoints import SafeCheckpointIO, SaveOnInterrupt
 from meowdread.checks import check_config, explain_parse_error
@@ -52,6 +52,11 @@ from meowdread.model import QLoraModule
 log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
 
 TOOLS = {"chat": chat, "export": export}
+# `meowdread fit --help` opens with meowdread's line, not the first line of Trainer.fit's docstring, which
+# Lightning cuts mid-sentence ("It's separated from fit to make sure you never run on your").
+SUBCOMMAND_DESCRIPTIONS = {
+    name: {"description": f"meowdread {name}: {line}"} for name, line in SUBCOMMANDS.items() if name not in TOOLS
+}
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
@@ -114,6 +119,16 @@ class MeowCLI(LightningCLI):
         except (ImportError, AttributeError, ValueError):
             return []
         return [f"{found.group(1)}.{action.dest}" for action in inner._actions]
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # jsonargparse titles the group of Trainer.<subcommand>'s arguments with the docstring's first line,
+        # which Lightning's docstrings wrap mid-sentence ("Useful to"); name the group instead.
+        cut = _get_short_description(getattr(klass, subcommand))
+        for group in parser._action_groups:
+            if cut and group.title == cut:
+                group.title = f"arguments of Trainer.{subcommand}"
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the configured model settings with the checkpoint's; here the configuration
@@ -285,7 +300,8 @@ def main(args: list[str] | None = None) -> None:
                 trainer_defaults={"callbacks": [SaveOnInterrupt()]},
                 parser_kwargs={
                     "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
-                    "`meowdread export`, with the same configs (add --help to either)."
+                    "`meowdread export`, with the same configs (add --help to either).",
+                    **SUBCOMMAND_DESCRIPTIONS,
                 },
                 args=args,
             )

@@ -153,3 +153,16 @@ def test_top_level_help_lists_every_subcommand_without_importing_torch():
     listed = re.findall(r"^    (\w+)  ", done.stdout, re.M)
     assert listed == SUBCOMMANDS
     assert "heavy: []" in done.stdout
+
+
+def test_a_subcommands_help_opens_with_a_whole_sentence(capsys, monkeypatch):
+    from meowdread.cli import main
+
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "meowdread test: the same pass, as Lightning's test loop" in out
+    assert "make sure you never run on your" not in out  # Lightning's cut first line of Trainer.test's docstring
+    assert "arguments of Trainer.test:" in out
