@@ -2,8 +2,9 @@
 of meowdread, each matched by its logger or warning module *and* its message, so that anything else (a real
 problem, a warning of your own code) still shows.
 
-``meowdread --verbose ...`` or ``MEOWDREAD_DEBUG=1`` shows everything. Each entry below says why it goes
-and where it comes from; when an upgrade of a library changes a message, it simply shows again.
+``meowdread --verbose ...`` (or ``MEOWDREAD_VERBOSE=1``, or ``MEOWDREAD_DEBUG=1``) shows everything. Each
+entry below says why it goes and where it comes from; when an upgrade of a library changes a message, it
+simply shows again.
 """
 
 from __future__ import annotations
@@ -13,31 +14,31 @@ import os
 import re
 import warnings
 
-# Notices logged through a library's logger: (logger name, message pattern, why).
-_LOG_NOTICES: tuple[tuple[str, str, str], ...] = (
+# Notices logged through a library's logger: (logger name, message pattern matched at the start).
+_LOG_NOTICES: tuple[tuple[str, str], ...] = (
     # lightning/pytorch/trainer/setup.py `_log_device_info`: true on every run, and `trainer.accelerator`
     # in the config already says which device is used. Real device problems ("GPU available but not used")
     # are warnings, not these lines.
-    ("lightning.pytorch.utilities.rank_zero", r"(GPU|TPU|HPU) available: ", "device inventory"),
+    ("lightning.pytorch.utilities.rank_zero", r"(GPU|TPU|HPU) available: "),
     # lightning/pytorch/trainer/connectors/logger_connector/logger_connector.py: an advertisement, printed
     # whenever the logger is not Lightning's hosted LitLogger.
-    ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging", "advertisement"),
+    ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),
     # lightning/pytorch/trainer/connectors/accelerator_connector.py: the config's trainer.precision, restated.
-    ("lightning.pytorch.utilities.rank_zero", r"Using (16bit|bfloat16) Automatic Mixed Precision", "restated"),
+    ("lightning.pytorch.utilities.rank_zero", r"Using (16bit|bfloat16) Automatic Mixed Precision"),
     # lightning/pytorch/trainer/trainer.py `estimated_stepping_batches`: an internal step of the LR schedule.
-    ("lightning.pytorch.utilities.rank_zero", r"Loading `train_dataloader` to estimate", "internal step"),
+    ("lightning.pytorch.utilities.rank_zero", r"Loading `train_dataloader` to estimate"),
     # lightning/pytorch/loops/fit_loop.py: the normal end of fit (other reasons to stop, such as "No training
     # batches", still show).
-    ("lightning.pytorch.utilities.rank_zero", r"`Trainer.fit` stopped: `max_(epochs|steps)=", "normal end"),
+    ("lightning.pytorch.utilities.rank_zero", r"`Trainer.fit` stopped: `max_(epochs|steps)="),
     # lightning/pytorch/trainer/connectors/checkpoint_connector.py: the checkpoint the user named; meowdread
     # says which file `--ckpt_path last` picked.
-    ("lightning.pytorch.utilities.rank_zero", r"(Restoring states|Loaded model weights) from the checkpoint", "given"),
+    ("lightning.pytorch.utilities.rank_zero", r"(Restoring states|Loaded model weights) from the checkpoint"),
     # lightning/pytorch/trainer/setup.py `_init_debugging_flags`: the config's `limit_*_batches: 1`, restated.
-    ("lightning.pytorch.utilities.rank_zero", r"`Trainer\(\w+=1\)` was configured so 1 batch will be used", "restated"),
+    ("lightning.pytorch.utilities.rank_zero", r"`Trainer\(\w+=1\)` was configured so 1 batch will be used"),
     # lightning/fabric/utilities/seed.py: the config's seed_everything, restated.
-    ("lightning.fabric.utilities.seed", r"Seed set to ", "restated"),
+    ("lightning.fabric.utilities.seed", r"Seed set to "),
     # transformers/integrations/bitsandbytes.py `dequantize_and_replace` (export): the dtype it was asked for.
-    ("transformers.integrations.bitsandbytes", r"The modules are dequantized in ", "restated"),
+    ("transformers.integrations.bitsandbytes", r"The modules are dequantized in "),
 )
 
 # Warnings: (module the warning is attributed to, message pattern, category). Both patterns match at the start.
@@ -70,7 +71,7 @@ class _DropNotices(logging.Filter):
 
 def _log_filters() -> dict[str, _DropNotices]:
     patterns: dict[str, list[str]] = {}
-    for name, pattern, _why in _LOG_NOTICES:
+    for name, pattern in _LOG_NOTICES:
         patterns.setdefault(name, []).append(pattern)
     return {name: _DropNotices(p) for name, p in patterns.items()}
 
