@@ -2,7 +2,8 @@
 PYTHON ?= python3
 # torch 2.13.0 is pinned here so pip takes the local CPU build instead of a multi-GB CUDA one;
 # on a GPU machine install torch for your CUDA first, then `pip install -e .`.
-INSTALL = $(PYTHON) -m pip install --quiet torch==2.13.0 -e
+# No --quiet: the first install downloads for minutes, and pip's lines and bars show that it does.
+INSTALL = $(PYTHON) -m pip install torch==2.13.0 -e
 
 .PHONY: demo test install install-dev
 
@@ -14,8 +15,8 @@ install-dev:
 
 # fit + predict on the embedded tiny Phi-3, offline, on the CPU
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m meowdread.cli fit --config configs/tiny.yaml
-	HF_HUB_OFFLINE=1 $(PYTHON) -m meowdread.cli predict --config configs/tiny.yaml --ckpt_path last
+	HF_HUB_OFFLINE=1 $(PYTHON) -m meowdread fit --config configs/tiny.yaml
+	HF_HUB_OFFLINE=1 $(PYTHON) -m meowdread predict --config configs/tiny.yaml --ckpt_path last
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -15,7 +15,7 @@ echo "== fit: the recipe as configured, 40 optimizer steps (one validation epoch
 cli fit --config configs/phi3_qlora.yaml --model.pretrained $MODEL --trainer.max_steps 40 \
   --trainer.logger.init_args.version recipe
 
-echo "== fit: the same with peft's prepare_model_for_kbit_training upcast (PITFALLS 11), 20 steps"
+echo "== fit: the same with peft's prepare_model_for_kbit_training upcast (bnb #1569), 20 steps"
 cli fit --config configs/phi3_qlora.yaml --model.pretrained $MODEL --trainer.max_steps 20 \
   --model.upcast_frozen_weights true --trainer.logger.init_args.version upcast
 

@@ -3,7 +3,7 @@
     meowdread fit --config configs/tiny.yaml --config examples/extra_metric.yaml
 
 It appears as ``samples/question_share`` next to the stock sample metrics, with a base-model point at step 0,
-and as ``hp/question_share`` in the HParams row.
+and in the HParams row (its last point).
 """
 
 from __future__ import annotations

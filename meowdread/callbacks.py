@@ -17,9 +17,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from meowdread import report
+from meowdread.board import log_hparams, scalars_layout
 from meowdread.checkpoints import WriteError
 from meowdread.generation import SamplingSettings, generate
 from meowdread.metrics import Lexicon, SampleMetrics, base_nll
+from meowdread.progress import TokenProgress
 from meowdread.report import cell, describe_scores, number
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,9 @@ class SampleCallback(pl.Callback):
     - The first entry, at step 0, is the base model: its answers are sampled with the adapter disabled, so
       every curve starts where the model started, also with ``model.adapter``. A run resumed from a
       checkpoint has its step 0 already; its first entry is the resumed weights' answers.
-    - At the end of ``fit``, the run's hyperparameters with the final ``val/loss``, ``val/ppl`` and sample
-      metrics (as ``hp/<name>`` scalars) go to TensorBoard's HParams tab: one comparable row per run.
+    - At fit's start, the Custom Scalars layout (:func:`meowdread.board.scalars_layout`); at its end, the run's
+      hyperparameters with the final ``val/loss``, ``val/ppl`` and sample metrics (the last point of each
+      curve) go to TensorBoard's HParams tab: one comparable row per run (:func:`meowdread.board.log_hparams`).
     - ``history`` keeps every entry's prompts, answers and metrics, for the adapter's model card
       (:mod:`meowdread.model_card`), which puts the base model's answers beside the last ones.
 
@@ -93,7 +96,8 @@ class SampleCallback(pl.Callback):
 
     def generate(self, pl_module: pl.LightningModule, prompts: list[str], settings: SamplingSettings) -> list[str]:
         """The answers to ``prompts``, through the one sampler (:func:`meowdread.generation.generate`)."""
-        return generate(pl_module.model, pl_module.tokenizer, prompts, settings)
+        streamer = TokenProgress("sampling", settings.max_new_tokens)  # a line every 10 s of a long sampling
+        return generate(pl_module.model, pl_module.tokenizer, prompts, settings, streamer=streamer)
 
     def compute_metrics(
         self, prompts: list[str], answers: list[str], nll: torch.Tensor, tokens: torch.Tensor
@@ -107,9 +111,19 @@ class SampleCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
+            self.write_layout(trainer)
             self.sample(trainer, pl_module, "base model (adapter disabled), before training", base=True)
         else:
             self.sample(trainer, pl_module, "resumed")
+
+    def write_layout(self, trainer: pl.Trainer) -> None:
+        """TensorBoard's Custom Scalars tab (once per run): the loss curves, then each sample metric on a chart of
+        its own, whose step 0 is the base model, so that base and tuned sit on one line."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(scalars_layout(list(self.metrics.versions)))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -126,10 +140,13 @@ class SampleCallback(pl.Callback):
             return
         prompts = trainer.datamodule.prompts[: self.num_prompts]
         model, tokenizer = pl_module.model, pl_module.tokenizer
+        settings = self.settings(pl_module)
+        if base:
+            log.info("sampling %d prompts (at most %d tokens each): %s", len(prompts), settings.max_new_tokens, label)
         start = time.perf_counter()
         with trainer.precision_plugin.forward_context():
             with model.disable_adapter() if base else contextlib.nullcontext():
-                answers = self.generate(pl_module, prompts, self.settings(pl_module))
+                answers = self.generate(pl_module, prompts, settings)
             nll, tokens = base_nll(model, tokenizer, prompts, answers)
         scores, self.latest = self.compute_metrics(prompts, answers, nll, tokens)
         self.last_prompts, self.last_answers, self.last_scores = prompts, answers, scores
@@ -157,14 +174,13 @@ class SampleCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run or not self.latest:
             return
-        final = {f"hp/{k}": v for k, v in self.latest.items()}
-        for key in ("val/loss", "val/ppl"):
-            if key in trainer.callback_metrics:
-                final["hp/" + key.replace("/", "_")] = float(trainer.callback_metrics[key])
+        # The HParams tab shows each metric's last value: the final epoch's.
+        final = [key for key in ("val/loss", "val/ppl") if key in trainer.callback_metrics]
+        final += [f"samples/{k}" for k in self.latest]
         params = self.hyperparameters(trainer, pl_module)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, final, step=trainer.global_step)
+                log_hparams(logger, params, final, step=trainer.global_step)
 
     def hyperparameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The module's and data module's hyperparameters (as Lightning logs them at the start), with the
@@ -196,9 +212,24 @@ class SampleCallback(pl.Callback):
         }
 
 
+def predictions_dir(ckpt_path: str | None, adapter: str | None, logs: str | Path) -> Path:
+    """Where ``predict`` writes: ``<run>/predictions`` for a checkpoint in a run's ``checkpoints/`` folder or for
+    a run's ``adapter/``; ``<logs>/predictions`` (``lightning_logs/predictions``) for anything else."""
+    if ckpt_path:
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent / "predictions"
+    elif adapter:
+        run = Path(adapter).parent
+        if (run / "checkpoints").is_dir() or (run / "config.yaml").is_file():
+            return run / "predictions"
+    return Path(logs) / "predictions"
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes the ``predict`` report to the run directory: ``predictions.jsonl``, ``predictions.md`` and
-    ``predictions_summary.json`` (see :mod:`meowdread.report`).
+    """Writes the ``predict`` report to ``trainer.log_dir``: ``predictions.jsonl``, ``predictions.md`` and
+    ``predictions_summary.json`` (see :mod:`meowdread.report`). The CLI runs ``predict`` without a logger and
+    with that directory set to :func:`predictions_dir`, so the report sits next to the run it came from.
 
     Every answer is scored (:class:`meowdread.metrics.SampleMetrics`), and so is the set of them. With
     ``model.compare_base``, the base model's answers are scored too and shown beside them.

@@ -2,7 +2,7 @@
 
     meowdread chat --config configs/tiny.yaml --ckpt_path last
     meowdread chat --config configs/tiny.yaml --model.adapter lightning_logs/version_0/adapter --system "You are a cat."
-    printf 'Why do I sit?\\nAnd why here?\\n' | meowdread chat --config configs/tiny.yaml --ckpt_path last
+    printf 'Why do I sit?\\nAnd why here?\\n' | meowdread chat --config configs/tiny.yaml --ckpt_path last --jsonl
 
 The model is built as ``fit`` builds it, from the same config, and answers through the one sampler,
 :func:`meowdread.generation.generate`, with ``model.sampling`` (``--model.sampling.do_sample false`` for
@@ -10,42 +10,55 @@ greedy decoding). Each turn sends the whole conversation. When it no longer fits
 room for ``max_new_tokens``, the oldest exchanges are dropped, and a notice says so. ``/reset`` starts a new
 conversation; ``/exit``, Ctrl-D or Ctrl-C at the prompt ends; Ctrl-C during an answer drops that answer.
 When stdin is not a terminal there are no prompts, and stdout holds the answers alone, each ended by a
-newline; notices go to stderr.
+newline; notices go to stderr. An answer can hold newlines itself: for a script, ``--jsonl`` writes one JSON
+object a line per message read, ``{"message": ..., "answer": ...}``, with ``"answer": null`` and an ``"error"``
+for a message that was not sent.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import TextIO
 
-from transformers import TextStreamer
+from jsonargparse import ActionYesNo
+from transformers.generation.streamers import BaseStreamer
 
 from meowdread.chat_format import ChatFormat
-from meowdread.generation import Message, SamplingSettings, generate
+from meowdread.generation import Message, SamplingSettings, decode_answer, generate
 
 log = logging.getLogger(__name__)
 
 
-class StreamWriter(TextStreamer):
-    """Writes an answer to ``out`` as its tokens come. The prompt, special tokens and the whitespace around
-    the answer are left out, so what is written is exactly what :func:`generate` returns. One per answer."""
+class StreamWriter(BaseStreamer):
+    """Writes an answer to ``out`` as its tokens come; what it writes is exactly what :func:`generate` returns
+    (:func:`meowdread.generation.decode_answer`). One per answer.
+
+    The answer so far is decoded whole at every token, so that a character split over several tokens is written
+    once complete, never as U+FFFD. Whitespace at the end is held back until more text follows it."""
 
     def __init__(self, tokenizer, out: TextIO):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out = out
-        self.started = False
-        self.held = ""  # trailing whitespace, written only if more text follows
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.prompt_skipped = False  # generate puts the prompt's ids first
+        self.written = 0  # characters of the answer written so far
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        text = self.held + text
-        if not self.started:
-            text = text.lstrip()
-        kept = text.rstrip()
-        self.held = text[len(kept) :]
-        self.started = self.started or bool(kept)
-        self.out.write(kept)
+    def put(self, value) -> None:
+        if not self.prompt_skipped:
+            self.prompt_skipped = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._write()
+
+    def end(self) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        text = decode_answer(self.tokenizer, self.ids)
+        self.out.write(text[self.written :])
         self.out.flush()
+        self.written = max(self.written, len(text))
 
 
 def prompt_length(tokenizer, messages: list[Message]) -> int:
@@ -71,9 +84,11 @@ def chat(
     system: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
+    jsonl: bool = False,
 ) -> None:
     """Read user messages from ``stdin`` one a line and stream the answers to ``stdout`` until ``/exit`` or
-    end of input. ``max_length`` is the model's context in tokens (prompt and answer)."""
+    end of input. ``max_length`` is the model's context in tokens (prompt and answer). With ``jsonl``, each
+    message gets one line of JSON instead (see the module's docstring), written when the answer is complete."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     budget = max_length - settings.max_new_tokens
     if budget <= 0:
@@ -81,7 +96,7 @@ def chat(
             f"model.sampling.max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
             f"model's context of {max_length} tokens"
         )
-    interactive = stdin.isatty()
+    interactive = stdin.isatty() and not jsonl
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     head = [{"role": "system", "content": system}] if system else []
@@ -102,29 +117,37 @@ def chat(
         kept, dropped = fit_to_context(tokenizer, head, turns + [{"role": "user", "content": line}], budget)
         length = prompt_length(tokenizer, head + kept)
         if length > budget:
-            log.warning(
-                "message not sent: it makes a prompt of %d tokens, and the model's context of %d leaves room "
-                "for %d with max_new_tokens=%d",
-                length,
-                max_length,
-                budget,
-                settings.max_new_tokens,
+            error = (
+                f"message not sent: it makes a prompt of {length} tokens, and the model's context of {max_length} "
+                f"leaves room for {budget} with max_new_tokens={settings.max_new_tokens}"
             )
+            log.warning("%s", error)
+            if jsonl:
+                _write_json(stdout, {"message": line, "answer": None, "error": error})
             continue
         if dropped:
             log.info("context full: dropped the %d oldest exchange(s) of the conversation", dropped)
         if interactive:
             stdout.write("cat> ")
+        streamer = None if jsonl else StreamWriter(tokenizer, stdout)
         try:
-            answer = generate(model, tokenizer, [head + kept], settings, streamer=StreamWriter(tokenizer, stdout))[0]
+            answer = generate(model, tokenizer, [head + kept], settings, streamer=streamer)[0]
         except KeyboardInterrupt:
             stdout.write("\n")
             log.info("interrupted: the answer is dropped")
             turns = kept[:-1]
             continue
-        stdout.write("\n")
-        stdout.flush()
+        if jsonl:
+            _write_json(stdout, {"message": line, "answer": answer})
+        else:
+            stdout.write("\n")
+            stdout.flush()
         turns = kept + [{"role": "assistant", "content": answer}]
+
+
+def _write_json(out: TextIO, record: dict) -> None:
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")  # a newline inside the answer is escaped: \\n
+    out.flush()
 
 
 def _read_line(stdin: TextIO, interactive: bool) -> str | None:
@@ -141,6 +164,12 @@ def _read_line(stdin: TextIO, interactive: bool) -> str | None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--system", type=str | None, default=None, help="a system message opening every conversation")
+    parser.add_argument(
+        "--jsonl",
+        action=ActionYesNo,
+        default=False,
+        help='for scripts: one line of JSON per message, {"message": ..., "answer": ...}, and no prompts',
+    )
 
 
 def run(cli) -> None:
@@ -155,4 +184,5 @@ def run(cli) -> None:
             module.sampling,
             max_length=module.model.config.max_position_embeddings,
             system=cli.config.system,
+            jsonl=cli.config.jsonl,
         )

@@ -43,6 +43,17 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def umask_modes(directory: Path) -> None:
+    """Give the files in ``directory`` the mode a plain ``open()`` gives (``0o666`` less the umask): safetensors
+    writes through a temporary file created 0600 (safetensors/safetensors#782), which leaves the weights of an
+    adapter or an export unreadable to anyone else, beside 0644 configs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 

@@ -36,12 +36,15 @@ from pathlib import Path
 from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from meowdread import chat, export
+from meowdread import chat, export, progress, quiet
+from meowdread.__main__ import SUBCOMMANDS, overview, wants_overview
+from meowdread.callbacks import predictions_dir
 from meowdread.checkpoints import SafeCheckpointIO, SaveOnInterrupt
 from meowdread.checks import check_config, explain_parse_error
 from meowdread.data import CatCorpusDataModule
@@ -50,6 +53,11 @@ from meowdread.model import QLoraModule
 log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
 
 TOOLS = {"chat": chat, "export": export}
+# `meowdread fit --help` opens with meowdread's line, not the first line of Trainer.fit's docstring, which
+# Lightning cuts mid-sentence ("It's separated from fit to make sure you never run on your").
+SUBCOMMAND_DESCRIPTIONS = {
+    name: {"description": f"meowdread {name}: {line}"} for name, line in SUBCOMMANDS.items() if name not in TOOLS
+}
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
@@ -113,6 +121,16 @@ class MeowCLI(LightningCLI):
             return []
         return [f"{found.group(1)}.{action.dest}" for action in inner._actions]
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # jsonargparse titles the group of Trainer.<subcommand>'s arguments with the docstring's first line,
+        # which Lightning's docstrings wrap mid-sentence ("Useful to"); name the group instead.
+        cut = _get_short_description(getattr(klass, subcommand))
+        for group in parser._action_groups:
+            if cut and group.title == cut:
+                group.title = f"arguments of Trainer.{subcommand}"
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the configured model settings with the checkpoint's; here the configuration
         stays the truth, and ``check_checkpoint`` refuses a checkpoint that does not fit it."""
@@ -133,6 +151,19 @@ class MeowCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(self._last_checkpoint(config))
         check_config(self.subcommand, config)
+        if self.subcommand == "predict":
+            self._predict_without_logger(config)
+
+    def _predict_without_logger(self, config) -> None:
+        """predict writes its report (and config.yaml) to the predictions folder of the run it predicts from,
+        with no logger: a logger would make an empty TensorBoard run of every predict."""
+        logger = config.trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        logs = Path(init.get("save_dir") or ".") / (init.get("name") or "lightning_logs") if init else None
+        logs = logs or config.trainer.default_root_dir or "."
+        out = predictions_dir(config.get("ckpt_path"), config.model.get("adapter"), logs)
+        config.trainer.logger = False
+        config.trainer.default_root_dir = str(out)
 
     def _last_checkpoint(self, config) -> Path:
         logger = config.trainer.get("logger")
@@ -145,7 +176,7 @@ class MeowCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path last: no */checkpoints/last.ckpt under {root}; run fit first")
         if self.subcommand == "fit":  # resume in the same run directory
             init.version = last.parent.parent.name
-        print(f"--ckpt_path last: {last}", file=sys.stderr)
+        log.info("--ckpt_path last: %s", last)
         return last
 
     def instantiate_classes(self) -> None:
@@ -159,6 +190,11 @@ class MeowCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, progress.default_bar()])
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # unless the config chose another
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
@@ -247,13 +283,23 @@ def resume_command(argv: list[str]) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
+    """``meowdread``: see ``meowdread --help`` (:mod:`meowdread.__main__`) and ``meowdread SUBCOMMAND --help``."""
+    argv, verbose = quiet.verbose_requested(sys.argv[1:] if args is None else list(args))
+    if args is None:
+        sys.argv[1:] = argv  # without --verbose, which LightningCLI does not know
+    else:
+        args = argv
+    if wants_overview(argv):
+        overview().print_help()
+        return
+    quiet.install(verbose)
+    progress.library_bars()
     package_log = logging.getLogger("meowdread")
     package_log.addHandler(_log_handler)  # a no-op when already added
     package_log.setLevel(logging.INFO)
     # bitsandbytes suggests a faster CPU kernel from the `kernels` package, which downloads it from the hub:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    argv = sys.argv[1:] if args is None else args
     # A class path such as --model my_pkg.MyModule imports from the working directory, as under `python -m`;
     # appended last, so that nothing there shadows an installed module.
     if os.getcwd() not in sys.path:
@@ -271,7 +317,8 @@ def main(args: list[str] | None = None) -> None:
                     trainer_defaults={"callbacks": [interrupt]},
                     parser_kwargs={
                         "description": "QLoRA fine-tuning of Phi-3. Also: `meowdread chat` and "
-                        "`meowdread export`, with the same configs (add --help to either)."
+                        "`meowdread export`, with the same configs (add --help to either).",
+                        **SUBCOMMAND_DESCRIPTIONS,
                     },
                     args=args,
                 )

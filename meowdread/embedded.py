@@ -153,7 +153,7 @@ def _train_tokenizer(corpus: Path, spec: dict):
         bos_token="<s>",
         eos_token="<|endoftext|>",
         unk_token="<unk>",
-        pad_token="<|endoftext|>",  # as in Phi-3: the pad token *is* an end token (PITFALLS 3)
+        pad_token="<|endoftext|>",  # as in Phi-3: the pad token *is* an end token, so labels cannot be masked by id
         additional_special_tokens=[t for t in PHI3_SPECIAL_TOKENS if t.startswith("<|") and t != "<|endoftext|>"],
         chat_template=PHI3_CHAT_TEMPLATE,
         model_max_length=spec["max_position_embeddings"],

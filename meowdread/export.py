@@ -11,8 +11,8 @@ Stock ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pre
 result, with no meowdread and no remote code. The base is loaded in 4-bit as in training, its NF4 weights are
 dequantized to ``model.quantization.compute_dtype`` (bf16 in both configs): these are the very values the
 adapter was trained against, since each matmul dequantizes them to that dtype. The LoRA update is then merged
-into them. Merging into the 4-bit weights instead would re-quantize the update and lose most of it (PITFALLS
-10). The directory is written beside ``--output`` and renamed into place; a non-empty ``--output`` is
+into them. Merging into the 4-bit weights instead would re-quantize the update and lose most of it (peft
+#1043, #2321). The directory is written beside ``--output`` and renamed into place; a non-empty ``--output`` is
 replaced only with ``--overwrite``, and only if it holds an exported model (a ``config.json`` or ``model.gguf``).
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from meowdread.chat_format import ChatFormat
+from meowdread.checkpoints import umask_modes
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:
@@ -103,6 +104,7 @@ def export(
         else:
             model.save_pretrained(staging)  # safetensors
             module.tokenizer.save_pretrained(staging)
+        umask_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -42,6 +42,13 @@ class SamplingSettings:
         check_fields(self, "model.sampling")
 
 
+def decode_answer(tokenizer, ids) -> str:
+    """An answer's text, whole characters only. A byte-level tokenizer splits a character such as an emoji over
+    several tokens: an answer cut at ``max_new_tokens`` can end inside one, and a sampled model can emit bytes
+    that form no character. Those bytes decode as U+FFFD and are left out, here and in ``chat``'s stream."""
+    return tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "").strip()
+
+
 def use_static_engine(model, settings: SamplingSettings) -> bool:
     """Whether ``settings`` and ``model`` call for the static engine; where the engine would not reproduce the
     model's adapter exactly, HF ``generate`` samples instead, and the log says why (once)."""
@@ -71,7 +78,7 @@ def generate(
     Prompts are rendered with the chat template plus the assistant header (:class:`ChatFormat`, which also
     escapes special-token text in them) and left-padded so that every row's answer starts at the same
     column; generation stops on the format's turn end and end of text. The model's training mode is restored. A
-    ``streamer`` (a ``transformers`` streamer, one prompt only) receives the tokens as they are generated.
+    ``streamer`` (a ``transformers`` ``BaseStreamer``) receives the prompt ids, then each step's new tokens.
     """
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     chat_format = ChatFormat.of(tokenizer)
@@ -97,7 +104,7 @@ def generate(
                     top_p=settings.top_p,
                     streamer=streamer,
                 )
-                return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in answers]
+                return [decode_answer(tokenizer, row) for row in answers]
             out = model.generate(
                 **batch,
                 max_new_tokens=settings.max_new_tokens,
@@ -111,4 +118,4 @@ def generate(
     finally:
         model.train(was_training)
     answers = out[:, batch["input_ids"].shape[1] :]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in answers]
+    return [decode_answer(tokenizer, row) for row in answers]

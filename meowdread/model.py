@@ -36,6 +36,7 @@ from meowdread.checkpoints import (
     rng_states,
     saved_checkpoints,
     set_rng_states,
+    umask_modes,
     writing_directory,
 )
 from meowdread.data import IGNORE_INDEX, load_tokenizer
@@ -82,7 +83,7 @@ class QLoraModule(pl.LightningModule):
         adapter: a saved peft adapter directory to start from (and to predict with).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         upcast_frozen_weights: cast the base's unquantized weights (embeddings, norms, lm_head) to fp32,
-            as peft's ``prepare_model_for_kbit_training`` does. Costs memory (PITFALLS 11); off by default.
+            as peft's ``prepare_model_for_kbit_training`` does. Costs memory (bnb #1569, trl PR #4457); off by default.
         trust_remote_code: run modelling code from the hub. Phi-3 is native in transformers: keep it off.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
         compile: ``torch.compile`` each decoder layer (regional compilation: one small graph reused 32 times,
@@ -400,6 +401,7 @@ class QLoraModule(pl.LightningModule):
             self.model.save_pretrained(staging, save_embedding_layers=False)  # never resized; "auto" asks the hub
             self.tokenizer.save_pretrained(staging)
             write_card(staging, self, trainer)
+        umask_modes(staging)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             directory.rename(old)

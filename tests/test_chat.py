@@ -1,14 +1,15 @@
 """``meowdread chat`` driven through stdin: streaming, history, /reset, the context limit (offline, CPU)."""
 
 import io
+import json
 
 import pytest
 import torch
 
 import meowdread.chat
-from meowdread.chat import chat, prompt_length
+from meowdread.chat import StreamWriter, chat, prompt_length
 from meowdread.cli import main
-from meowdread.generation import SamplingSettings, generate
+from meowdread.generation import SamplingSettings, decode_answer, generate
 
 from .conftest import REPO
 
@@ -31,7 +32,10 @@ class GenerateSpy:
             answers = generate(model, tokenizer, prompts, settings, streamer=streamer)
         else:
             answers = [self.answer]
-            streamer.on_finalized_text(self.answer, stream_end=True)
+            if streamer is not None:  # as generate streams: the prompt, then the answer's tokens
+                streamer.put(torch.tensor([[0]]))
+                streamer.put(torch.tensor(tokenizer(self.answer, add_special_tokens=False)["input_ids"]))
+                streamer.end()
         self.calls[-1]["answer"] = answers[0]
         return answers
 
@@ -119,3 +123,31 @@ def test_chat_help_names_its_options(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(s in out for s in ("usage: meowdread chat", "--ckpt_path", "--system", "/reset", "--model.sampling"))
+
+
+def test_a_character_cut_over_tokens_is_streamed_whole_and_never_as_a_replacement_char(tokenizer):
+    ids = tokenizer("Le chat 🐱 dort.", add_special_tokens=False)["input_ids"]
+    # The byte-level tokenizer splits the emoji over tokens: cut inside it, plain decoding shows �.
+    assert any("\ufffd" in tokenizer.decode(ids[:cut]) for cut in range(len(ids)))
+    for cut in range(1, len(ids) + 1):
+        out = io.StringIO()
+        streamer = StreamWriter(tokenizer, out)
+        streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+        for token in ids[:cut]:
+            streamer.put(torch.tensor([token]))
+            assert "\ufffd" not in out.getvalue()
+        streamer.end()
+        assert out.getvalue() == decode_answer(tokenizer, ids[:cut])  # what generate returns
+        assert "Le chat 🐱 dort.".startswith(out.getvalue())  # an incomplete emoji at the end is left out
+
+
+def test_piped_chat_with_jsonl_writes_one_json_object_per_message(monkeypatch, capsys):
+    spy = GenerateSpy(answer="First line.\n\nSecond line,\nafter a blank one.")
+    monkeypatch.setattr(meowdread.chat, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Why do I sit?\n/reset\nAnd why here?\n" + "meow " * 5000 + "\n"))
+    main(["chat", "--config", TINY_CONFIG, "--jsonl", "--model.sampling.max_new_tokens", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["message"] for r in records] == ["Why do I sit?", "And why here?", "meow " * 4999 + "meow"]
+    assert [r["answer"] for r in records[:2]] == [spy.answer] * 2  # newlines and all, on one line each
+    assert records[2]["answer"] is None and records[2]["error"].startswith("message not sent")

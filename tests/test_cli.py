@@ -88,13 +88,25 @@ def cli(subcommand: str, root: Path, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """``fit`` then ``predict --ckpt_path last`` through the CLI, as README command 1 does."""
+    """``fit`` then ``predict --ckpt_path last`` through the CLI, as README command 1 does: the run's directory
+    and its ``predictions/``."""
     root = tmp_path_factory.mktemp("runs")
     cli("fit", root)
     cli("predict", root, "--ckpt_path", "last")
     runs = sorted((root / "lightning_logs").iterdir())
-    assert [r.name for r in runs] == ["version_0", "version_1"]
-    return runs
+    assert [r.name for r in runs] == ["version_0"]  # predict makes no TensorBoard run of its own
+    return [runs[0], runs[0] / "predictions"]
+
+
+def test_predict_writes_next_to_its_run_and_adds_nothing_to_tensorboard(run):
+    assert {p.name for p in run[1].iterdir()} == {
+        "config.yaml",  # predict's own resolved config
+        "predictions.jsonl",
+        "predictions.md",
+        "predictions_summary.json",
+    }
+    assert len(list(run[0].glob("events.out.tfevents.*"))) == 1  # fit's alone
+    assert {p.name for p in (run[0] / "checkpoints").iterdir()} == {"last.ckpt"}  # no byte-identical epoch copy
 
 
 def events(run_dir: Path):
@@ -168,15 +180,17 @@ def test_fit_writes_one_hparams_row_with_the_final_metrics(run):
     rows = hparams_tab(run[0].parent)
     assert [row.name for row in rows] == ["version_0"]  # the fit run; predict adds no row
     params = {k: getattr(v, v.WhichOneof("kind")) for k, v in rows[0].hparams.items()}
-    assert params["lora/r"] == 16 and params["optimizer/lr"] == 0.003 and params["batch_size"] == 8
-    assert params["trainer/max_epochs"] == EPOCHS and params["pretrained"] == "embedded:tiny-phi3"
-    assert params["lexicon_versions/cat_lingo"] == 1 and params["lexicon_versions/angst"] == 1
+    # Integers as text, which the tab prints as they are (it prints numbers with 5 digits: "16.000").
+    assert params["lora/r"] == "16" and params["optimizer/lr"] == 0.003 and params["batch_size"] == "8"
+    assert params["trainer/max_epochs"] == str(EPOCHS) and params["pretrained"] == "embedded:tiny-phi3"
+    assert params["lexicon_versions/cat_lingo"] == "1" and params["lexicon_versions/angst"] == "1"
     metrics = {m.name.tag: m.value for m in rows[0].metric_values}
-    assert set(metrics) == {"hp/val_loss", "hp/val_ppl", *(f"hp/{name}" for name in SAMPLE_METRICS)}
+    assert set(metrics) == {"val/loss", "val/ppl", *(f"samples/{name}" for name in SAMPLE_METRICS)}
     acc = events(run[0])
-    assert metrics["hp/val_loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)
+    assert metrics["val/loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)  # the last epoch's
     for name in SAMPLE_METRICS:
-        assert metrics[f"hp/{name}"] == pytest.approx(acc.Scalars(f"samples/{name}")[-1].value), name
+        assert metrics[f"samples/{name}"] == pytest.approx(acc.Scalars(f"samples/{name}")[-1].value), name
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("hp/")]  # no one-point copies
 
 
 def test_predict_writes_jsonl_and_markdown_for_every_prompt(run):
@@ -225,10 +239,13 @@ def test_predict_with_compare_base_puts_the_base_models_answers_beside(run, tmp_
     hyperparameters, which LightningCLI applies over the command line, do not carry the flag."""
     prompts = tmp_path / "prompts.txt"  # the first batch of run[1]'s prompts, so its answers are the same
     prompts.write_text("\n".join(PROMPTS.read_text().splitlines()[:8]) + "\n")
-    ckpt = str(run[0] / "checkpoints" / "last.ckpt")
-    cli("predict", tmp_path, "--data.prompts", str(prompts), "--ckpt_path", ckpt, "--model.compare_base", "true")
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"  # a copy: run[1] stays as it is
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(run[0] / "checkpoints" / "last.ckpt", ckpt)
+    cli("predict", tmp_path, "--data.prompts", str(prompts), "--ckpt_path", str(ckpt), "--model.compare_base", "true")
     cli("predict", tmp_path, "--data.prompts", str(prompts))  # a fresh LoRA: the base model itself
-    compared, base = (tmp_path / "lightning_logs" / v for v in ("version_0", "version_1"))
+    # The first next to the checkpoint's run, the second (no run) in the logger's one predictions folder.
+    compared, base = ckpt.parent.parent / "predictions", tmp_path / "lightning_logs" / "predictions"
     rows = [json.loads(line) for line in (compared / "predictions.jsonl").read_text().splitlines()]
     alone = [json.loads(line)["answer"] for line in (base / "predictions.jsonl").read_text().splitlines()]
     trained = [json.loads(line)["answer"] for line in (run[1] / "predictions.jsonl").read_text().splitlines()][:8]
@@ -265,8 +282,9 @@ def test_a_bad_lexicon_stops_fit_with_one_line_before_the_model_loads(tmp_path, 
 
 
 def test_predict_from_the_exported_adapter_matches_predict_from_the_checkpoint(run, tmp_path):
-    cli("predict", tmp_path, "--model.adapter", str(run[0] / "adapter"))
-    from_adapter = (tmp_path / "lightning_logs" / "version_0" / "predictions.jsonl").read_text().splitlines()
+    shutil.copytree(run[0] / "adapter", tmp_path / "adapter")  # not in a run: so not beside run[1]'s predictions
+    cli("predict", tmp_path, "--model.adapter", str(tmp_path / "adapter"))
+    from_adapter = (tmp_path / "lightning_logs" / "predictions" / "predictions.jsonl").read_text().splitlines()
     from_ckpt = (run[1] / "predictions.jsonl").read_text().splitlines()
     answers = [[json.loads(line)["answer"] for line in lines] for lines in (from_adapter, from_ckpt)]
     assert answers[0] == answers[1]  # same weights, same seeded sampler

@@ -46,7 +46,8 @@ def test_template_is_phi3s(tokenizer):
         "<|system|>\nYou are Mittens, who has read Sartre.<|end|>\n<|user|>\nWhy do I sit?<|end|>\n"
         "<|assistant|>\nI fits, therefore I sits.<|end|>\n<|endoftext|>"
     )
-    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"  # the trap of PITFALLS 3
+    # The trap: pad is an end token, so masking labels by the pad id would mask the ends too.
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
 
 
 def test_multi_turn_masking_is_exact(tokenizer):

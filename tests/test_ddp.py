@@ -105,7 +105,7 @@ def test_both_ranks_end_with_the_same_trained_adapter(runs):
 
 def test_two_ranks_take_the_steps_of_one_process_over_the_same_examples(runs):
     """Each rank gets its own half of the same length-grouped batches, and the loss is the token mean over all
-    ranks: DDP's averaging and Lightning's accumulation are undone exactly (PITFALLS 8)."""
+    ranks: DDP's averaging and Lightning's accumulation are undone exactly (transformers #34191)."""
     two, one, out_two, out_one = runs
     assert trained_tokens(out_two) == trained_tokens(out_one) > 0  # SpeedMonitor counts every rank's tokens
     start_one, start_two = load(one, 0, "start"), load(two, 0, "start")
@@ -143,7 +143,7 @@ def test_predict_on_two_ranks_writes_every_prompt_once_in_file_order(runs):
     two, *_ = runs
     adapter = two / "lightning_logs" / "version_0" / "adapter"
     meowdread("predict", two, *ddp(2), "--model.adapter", str(adapter), "--model.sampling.max_new_tokens", "4")
-    rows = (two / "lightning_logs" / "version_1" / "predictions.jsonl").read_text().splitlines()
+    rows = (two / "lightning_logs" / "version_0" / "predictions" / "predictions.jsonl").read_text().splitlines()
     prompts = [p.strip() for p in PROMPTS.read_text().splitlines() if p.strip()]
     assert [json.loads(row)["prompt"] for row in rows] == prompts
 

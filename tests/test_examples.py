@@ -107,7 +107,7 @@ def test_an_extra_sample_metric_is_logged_with_the_others_and_in_the_hparams_row
     assert all(s.value in (0.0, 0.5, 1.0) for s in shares)  # two prompts answered
     (row,) = hparams_tab(neftune_run.parent)
     metrics = {m.name.tag: m.value for m in row.metric_values}
-    assert metrics["hp/question_share"] == pytest.approx(shares[-1].value)
+    assert metrics["samples/question_share"] == pytest.approx(shares[-1].value)
 
 
 def test_a_sample_callback_subclass_has_its_prompts_checked_before_the_model_loads(tmp_path, prompts, capsys):

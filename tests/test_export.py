@@ -49,7 +49,7 @@ def relative_error(logits, reference, mask):
         # bf16, as in both configs. Two bf16 evaluations of the same function differ by about 0.8% here (the
         # dequantized weights with the adapter unmerged against the 4-bit module, measured), and merging rounds
         # each weight once more to bf16. Measured: 0.9%. The adapter moves the logits by 110%, and merging
-        # into the 4-bit weights instead (PITFALLS 10) is off by 19%.
+        # into the 4-bit weights instead (peft #1043, #2321) is off by 19%.
         ("bfloat16", 2e-2),
         # fp32 leaves only float rounding (measured: 6e-7): the merged update is exactly the adapter's.
         ("float32", 1e-5),
@@ -85,7 +85,7 @@ def test_the_exported_model_gives_the_adapter_on_the_4bit_base_logits(compute_dt
     assert tokenizer.apply_chat_template(conversation, tokenize=False) == module.tokenizer.apply_chat_template(
         conversation, tokenize=False
     )
-    assert tokenizer.convert_tokens_to_ids("<|end|>") in stock.generation_config.eos_token_id  # PITFALLS 2
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in stock.generation_config.eos_token_id  # or never stops
 
 
 def test_output_that_must_not_be_replaced_is_refused(tmp_path):

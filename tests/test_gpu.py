@@ -35,7 +35,7 @@ def test_the_gpu_recipe_trains_checkpoints_and_predicts_on_cuda(tmp_path, monkey
     assert all(".lora_" in key for key in ckpt["state_dict"])
     assert ckpt["optimizer_states"][0]["state"]  # the paged optimizer's state is saved too
     main(["predict", *common, "--ckpt_path", "last", "--model.sampling.max_new_tokens", "16"])
-    rows = (tmp_path / "lightning_logs" / "version_1" / "predictions.jsonl").read_text().splitlines()
+    rows = (tmp_path / "lightning_logs" / "version_0" / "predictions" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == len(read_prompts(PROMPTS)) and json.loads(rows[0])["answer"]
 
 

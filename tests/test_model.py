@@ -121,7 +121,7 @@ def test_loss_is_normalised_by_trained_tokens_across_accumulated_micro_batches(t
         (s1, n1), (s2, n2) = module.model_step(short, "train"), module.model_step(long, "train")
         return (s1 + s2) / (n1 + n2)
 
-    def mean_of_means():  # what averaging per-micro-batch means gives (the bug of PITFALLS 8)
+    def mean_of_means():  # what averaging per-micro-batch means gives (transformers PR #34191)
         (s1, n1), (s2, n2) = module.model_step(short, "train"), module.model_step(long, "train")
         return (s1 / n1 + s2 / n2) / 2
 
