@@ -136,7 +136,7 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(
                 f"data: the checkpoint's epoch has {state['examples']} training examples in batches of "
                 f"{state['batch_size']}, this run {self._shape()['examples']} in batches of {self.batch_size}; "
-                "resume with the checkpoint's data.corpus, max_length, val_fraction and batch_size"
+                "resume with the checkpoint's data.corpus, limit, max_length, val_fraction and batch_size"
             )
         self._resume = state
 
