@@ -5,8 +5,10 @@ The held-out loss is computed here, not by meowdread: each reply is located with
 template (the prompt rendered with the generation prompt, then the reply up to the first turn end), so a
 masking bug in training (labels shifted by one, the turn end left unlabelled) cannot hide in the
 measurement. A random model could not show this: only a pretrained one starts from a loss that the voice
-of the corpus can lower. The thresholds were measured with this very run, and with the mask broken on
-purpose (the README's "Tests" section has the figures).
+of the corpus can lower. The thresholds are still to be pinned from a measured run: the first full run
+of this test (and of it with the mask broken on purpose) did not finish on the shared machine it was
+written on. Until then they are estimates from an earlier run of the same model (one epoch of the whole
+corpus at lr 2e-4 lowered the validation loss from 4.45 to 3.83).
 
     make test-slow        # or: pytest -m slow tests/test_learning.py (a few minutes on 2 cores)
 """
@@ -27,8 +29,8 @@ pytestmark = pytest.mark.slow
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 LEXICONS = [str(REPO / "data" / "lexicons" / name) for name in ("cat_lingo.json", "angst.json")]
 # The held-out reply loss (nats a token) must fall by at least this much, and the turn end's loss must not
-# rise by more than END_SLACK (see the module docstring for where the figures come from).
-MIN_DROP = 0.25
+# rise by more than END_SLACK (estimates: see the module docstring).
+MIN_DROP = 0.15
 END_SLACK = 0.0
 
 
