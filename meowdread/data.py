@@ -136,7 +136,7 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(
                 f"data: the checkpoint's epoch has {state['examples']} training examples in batches of "
                 f"{state['batch_size']}, this run {self._shape()['examples']} in batches of {self.batch_size}; "
-                "resume with the checkpoint's data.corpus, max_length, val_fraction and batch_size"
+                "resume with the checkpoint's data.corpus, limit, max_length, val_fraction and batch_size"
             )
         self._resume = state
 
@@ -179,6 +179,8 @@ class CatCorpusDataModule(pl.LightningDataModule):
         max_length: longest example in tokens, template included.
         overlong: what to do with longer examples: ``drop`` them or ``truncate`` them (counted in the log).
         val_fraction: share of conversations held out for validation (and ``test``), split with ``seed``.
+        limit: use only this many conversations of the corpus, drawn with ``seed`` (all of them if None), for
+            quick runs such as the CPU demo; the validation share is split from them.
         batch_size: examples per micro-batch (on each rank, under DDP).
         seed: fixes the split and the shuffling.
         num_workers: DataLoader workers.
@@ -196,6 +198,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
         max_length: int = 1024,
         overlong: Literal["drop", "truncate"] = "drop",
         val_fraction: float = 0.05,
+        limit: int | None = None,
         batch_size: int = 8,
         seed: int = 42,
         num_workers: int = 0,
@@ -205,6 +208,8 @@ class CatCorpusDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction: must be between 0 and 1, got {val_fraction}")
+        if limit is not None and limit < 2:
+            raise ValueError(f"data.limit: must be at least 2 (a training and a validation conversation), got {limit}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_set: list[dict] = []
@@ -244,6 +249,8 @@ class CatCorpusDataModule(pl.LightningDataModule):
         """``{"train": [...], "val": [...]}``: ``val_fraction`` of :meth:`read`'s conversations held out, drawn
         with ``seed``. Override it to split otherwise (by a field, a fixed validation file, ...)."""
         conversations = self.read()
+        if self.hparams.limit is not None and self.hparams.limit < len(conversations):
+            conversations = random.Random(self.hparams.seed).sample(conversations, self.hparams.limit)
         n_val = max(1, round(len(conversations) * self.hparams.val_fraction))
         if n_val >= len(conversations):
             raise CorpusError(

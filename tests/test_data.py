@@ -222,3 +222,20 @@ def test_train_replies_are_the_training_splits_in_fit_and_in_predict(tmp_path, e
     assert len(fit.train_replies) == 2 * 8  # every assistant turn of the 8 training conversations
     val_replies = {fit.tokenizer.decode(e["input_ids"]) for e in fit.val_set}
     assert not any(reply in text for reply in fit.train_replies for text in val_replies)
+
+
+def test_limit_trains_on_a_seeded_subset_that_memorization_and_the_split_agree_on(embedded_cache):
+    """``data.limit`` (the CPU demo's subset): that many conversations, the same for a seed, the split and the
+    memorization replies both taken from them."""
+    from meowdread.data import CatCorpusDataModule
+
+    def subset(seed):
+        dm = CatCorpusDataModule(limit=40, val_fraction=0.1, seed=seed)
+        dm.setup("fit")
+        return dm, {tuple(e["input_ids"]) for e in dm.train_set + dm.val_set}
+
+    (dm, same), (_, again), (_, other) = subset(1), subset(1), subset(2)
+    assert len(same) == 40 and same == again and same != other
+    assert (len(dm.train_set), len(dm.val_set)) == (36, 4)
+    texts = [dm.tokenizer.decode(e["input_ids"]) for e in dm.train_set]
+    assert len(dm.train_replies) >= 36 and all(any(reply in t for t in texts) for reply in dm.train_replies)

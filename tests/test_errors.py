@@ -226,6 +226,19 @@ def _(tmp_path):
     return cli("fit", tmp_path, "--model.pretrained", "meowdread-tests/not-a-model")
 
 
+@case("`embedded:smollm2-135m-instruct` without its package")
+def _(tmp_path, monkeypatch):
+    from meowdread.embedded import PACKAGED
+
+    monkeypatch.setitem(PACKAGED["smollm2-135m-instruct"], "module", "meowdread_tests_no_such_package")
+    return cli("fit", tmp_path, "--model.pretrained", "embedded:smollm2-135m-instruct")
+
+
+@case("`data.limit` below 2")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.limit", "1")
+
+
 @case("the GPU recipe without CUDA")
 def _(tmp_path):
     needs_no_cuda()
