@@ -36,6 +36,7 @@ from meowdread.checkpoints import (
 from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
+from meowdread.speed import Kernels, apply_kernels, compile_training_layers
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,11 @@ class QLoraModule(pl.LightningModule):
             as peft's ``prepare_model_for_kbit_training`` does. Costs memory (PITFALLS 11); off by default.
         trust_remote_code: run modelling code from the hub. Phi-3 is native in transformers: keep it off.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
-        compile: ``torch.compile`` each decoder layer (regional compilation: one small graph reused 32 times,
-            compiled in seconds). Fuses the many small kernels of norms, LoRA and bitsandbytes between the
-            matmuls; needs a CUDA GPU and Triton.
+        compile: ``torch.compile`` each decoder layer for training (regional compilation: one graph reused by
+            every layer; validation and sampling stay eager). Fuses the many small kernels of norms, LoRA and
+            bitsandbytes between the matmuls; needs Triton on a GPU (a C++ compiler on the CPU).
+        kernels: ``liger`` swaps Phi-3's RMSNorm, SwiGLU and rotary embedding for Liger's fused Triton
+            kernels (needs ``liger-kernel`` and a CUDA GPU); ``torch`` keeps transformers' own.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.
@@ -100,6 +103,7 @@ class QLoraModule(pl.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
         compile: bool = False,
+        kernels: Kernels = "torch",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Callable[[Optimizer, int], LRScheduler] = WarmupSchedule,
         sampling: SamplingSettings = SamplingSettings(),
@@ -122,6 +126,7 @@ class QLoraModule(pl.LightningModule):
                 "trust_remote_code": trust_remote_code,
                 "attn_implementation": attn_implementation,
                 "compile": compile,
+                "kernels": kernels,
                 "sampling": asdict(sampling),
             }
         )
@@ -163,6 +168,7 @@ class QLoraModule(pl.LightningModule):
             attn_implementation=hp.attn_implementation,
         )
         base.config.use_cache = False  # generation turns it back on per call
+        apply_kernels(base, hp.get("kernels", "torch"))
         self._prepare_base(base)
         if hp.adapter:
             try:
@@ -192,8 +198,7 @@ class QLoraModule(pl.LightningModule):
             )
             self.model = get_peft_model(base, config)
         if hp.compile:
-            for layer in base.model.layers:
-                layer.compile(dynamic=True)
+            compile_training_layers(base.model.layers)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters on %s", trainable, hp.pretrained)
 

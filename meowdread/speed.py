@@ -1,0 +1,81 @@
+"""Speed settings of the training step that leave its results unchanged: compiled decoder layers, Liger's
+fused Triton kernels, and activation checkpointing on some layers only.
+
+``QLoraModule`` applies them from ``model.compile`` and ``model.kernels``; tests compare each against the
+plain step (loss and LoRA gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Literal
+
+import torch
+
+Kernels = Literal["torch", "liger"]
+
+
+def compile_training_layers(layers: torch.nn.ModuleList, backend="inductor") -> None:
+    """``torch.compile`` each decoder layer for training calls only (regional compilation).
+
+    Every layer runs the same code, so one compiled graph serves all of them. Calls without autograd
+    (validation, sampling, HF ``generate`` with its KV cache) stay eager: each would be another graph to
+    compile, the first time at the cost of many seconds, for a few batches.
+    """
+    for layer in layers:
+        if getattr(layer, "_meowdread_compiled", None) is not None:
+            continue
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=True, backend=backend)
+
+        @functools.wraps(eager)
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            run = _compiled if torch.is_grad_enabled() else _eager
+            return run(*args, **kwargs)
+
+        layer.forward = forward
+        layer._meowdread_compiled = compiled
+
+
+def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
+    """Swap the base's RMSNorms and SwiGLU for Liger's fused Triton kernels (``kernels: liger``).
+
+    Each replaces several elementwise kernels and their saved activations with one Triton kernel a pass;
+    the matmuls (4-bit base and LoRA) are untouched. Only this model's modules change (Liger's own
+    ``apply_liger_kernel_to_phi3`` patches transformers' classes for every model of the process); the rotary
+    embedding stays transformers' own, since Liger's replaces a module-level function. Needs
+    ``liger-kernel`` and a CUDA GPU; Phi-3 only.
+    """
+    if kernels == "torch":
+        return
+    config = base.config
+    if config.model_type != "phi3" or config.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"model.kernels: liger is wired for Phi-3 only, not {config.model_type!r}")
+    try:
+        from liger_kernel.transformers import LigerPhi3SwiGLUMLP, LigerRMSNorm
+    except ImportError:
+        raise ValueError("model.kernels: liger needs the liger-kernel package (pip install liger-kernel)") from None
+
+    def fused_norm(norm):
+        fused = LigerRMSNorm(norm.weight.shape[0], eps=norm.variance_epsilon, casting_mode="llama")
+        fused.weight = norm.weight  # the same parameter: nothing is copied, state dict keys stay
+        return fused
+
+    model = base.model
+    model.norm = fused_norm(model.norm)
+    for layer in model.layers:
+        layer.input_layernorm = fused_norm(layer.input_layernorm)
+        layer.post_attention_layernorm = fused_norm(layer.post_attention_layernorm)
+        layer.mlp.forward = types.MethodType(LigerPhi3SwiGLUMLP.forward, layer.mlp)
+
+
+def checkpoint_first_layers(layers: torch.nn.ModuleList, count: int) -> None:
+    """Keep activation checkpointing on the first ``count`` decoder layers only.
+
+    A layer left out keeps its activations for the backward pass instead of recomputing its forward: a
+    third less work for that layer, for its activations' memory.
+    """
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and index < count
