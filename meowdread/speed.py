@@ -1,8 +1,8 @@
 """Speed settings of the training step that leave its results unchanged: compiled decoder layers, Liger's
 fused Triton kernels, and activation checkpointing on some layers only.
 
-``QLoraModule`` applies them from ``model.compile`` and ``model.kernels``; tests compare each against the
-plain step (loss and LoRA gradients).
+``QLoraModule`` applies them from ``model.compile``, ``model.kernels`` and ``model.gradient_checkpointing``;
+tests compare each against the plain step (loss and LoRA gradients).
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ def compile_training_layers(layers: torch.nn.ModuleList, backend="inductor") -> 
         layer._meowdread_compiled = compiled
 
 
+def check_kernels(kernels: Kernels, compile: bool) -> None:
+    """Refuse a ``model.kernels`` setting that cannot run, before the base loads."""
+    if kernels != "liger":
+        return
+    if compile:
+        raise ValueError(
+            "model.kernels: liger does not combine with model.compile: true (torch.compile cannot trace "
+            "Liger's kernels, and fuses the same operations itself); set one of them"
+        )
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        raise ValueError("model.kernels: liger needs the liger-kernel package (pip install liger-kernel)") from None
+
+
 def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
     """Swap the base's RMSNorms and SwiGLU for Liger's fused Triton kernels (``kernels: liger``).
 
@@ -52,10 +67,7 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
     config = base.config
     if config.model_type != "phi3" or config.hidden_act not in ("silu", "swish"):
         raise ValueError(f"model.kernels: liger is wired for Phi-3 only, not {config.model_type!r}")
-    try:
-        from liger_kernel.transformers import LigerPhi3SwiGLUMLP, LigerRMSNorm
-    except ImportError:
-        raise ValueError("model.kernels: liger needs the liger-kernel package (pip install liger-kernel)") from None
+    from liger_kernel.transformers import LigerPhi3SwiGLUMLP, LigerRMSNorm
 
     def fused_norm(norm):
         fused = LigerRMSNorm(norm.weight.shape[0], eps=norm.variance_epsilon, casting_mode="llama")
@@ -70,12 +82,42 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
         layer.mlp.forward = types.MethodType(LigerPhi3SwiGLUMLP.forward, layer.mlp)
 
 
-def checkpoint_first_layers(layers: torch.nn.ModuleList, count: int) -> None:
-    """Keep activation checkpointing on the first ``count`` decoder layers only.
+def start_compile_workers() -> None:
+    """Start Inductor's compile worker processes now, not at the first compile.
+
+    Until they are up, Inductor compiles each Triton kernel in the calling process, one at a time: on a
+    fresh machine that was most of a minute for the first decoder layer (benchmarks/NOTES.md). Started
+    before the base loads, they are ready by the first training step.
+    """
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # another torch layout: compile still works, only the first one is slower
+        return
+    maybe_warm_pool()
+
+
+def enable_checkpointing(base: torch.nn.Module, setting: bool | int) -> None:
+    """Activation checkpointing (non-reentrant) on every decoder layer (``True``), the first N (an int), or
+    none (``False``).
 
     A layer left out keeps its activations for the backward pass instead of recomputing its forward: a
-    third less work for that layer, for its activations' memory.
+    third less work for that layer, for its activations' memory (about 1.7 GB a layer for Phi-3-mini at
+    batch 32 of the cat corpus).
     """
+    if setting is False:
+        return
+    # Non-reentrant checkpointing needs no input that requires grad (no enable_input_require_grads).
+    # transformers 5.2x renamed the method; older 5.x only has the first name.
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setting is not True:
+        checkpoint_first_layers(base.model.layers, int(setting))
+
+
+def checkpoint_first_layers(layers: torch.nn.ModuleList, count: int) -> None:
+    """Keep activation checkpointing on the first ``count`` decoder layers only."""
     for index, layer in enumerate(layers):
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = layer.gradient_checkpointing and index < count
