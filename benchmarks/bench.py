@@ -5,11 +5,13 @@ is ``embedded:phi3-mini-random`` (Phi-3-mini-4k's shapes, 3.8B parameters), so s
 answers are noise.
 
     python benchmarks/bench.py                          # every case, about 10 minutes on an H100
-    python benchmarks/bench.py --cases meowdread:fast sampling
+    python benchmarks/bench.py --cases meowdread:phi3_qlora meowdread:phi3_qlora-compile sampling-static
 
 Training rows run meowdread's own ``QLoraModule`` and ``CatCorpusDataModule`` under a Lightning ``Trainer``
-(``SpeedMonitor`` times training batches after 5 warm-up steps), and TRL's ``SFTTrainer`` on the same
-tokenized examples with the same assistant-only labels. A *trained token* has a label (no padding, no prompt).
+(``SpeedMonitor`` times training batches after 10 warm-up steps; what those took beyond 10 steady steps is
+the row's first-steps overhead: compilation, mostly), and TRL's ``SFTTrainer`` (also with Liger's kernels) on
+the same tokenized examples with the same assistant-only labels. ``dump-examples`` writes those examples for
+``unsloth_row.py``, which runs Unsloth in a process of its own. A *trained token* has a label (no padding, no prompt).
 The limit is the measured bf16 matmul rate over 4 x parameters FLOPs per trained token (forward 2N,
 input-gradient backward 2N): what QLoRA could reach if every FLOP ran at matmul speed.
 
@@ -104,21 +106,21 @@ def long_corpus(path: Path, target_words: int = 1400, n: int = 48) -> Path:
 
 # ----------------------------------------------------------------------------------------------- meowdread
 # configs/phi3_qlora.yaml as shipped; each variant changes one or two settings.
-BASE = dict(batch_size=32, gradient_checkpointing=29, optimizer="adamw", dropout=0.05, compile=True)
+BASE = dict(batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=False)
 VARIANTS = {
     "phi3_qlora": dict(BASE),
-    "phi3_qlora-checkpoint-all": dict(BASE, gradient_checkpointing=True),
-    "phi3_qlora-no-checkpointing": dict(BASE, gradient_checkpointing=False),
-    # the configuration shipped before issue 14: every layer checkpointed, eager
-    "before-issue14": dict(BASE, gradient_checkpointing=True, compile=False),
-    "before-issue14-liger": dict(BASE, gradient_checkpointing=True, compile=False, kernels="liger"),
+    "phi3_qlora-liger": dict(BASE, kernels="liger"),
+    "phi3_qlora-compile": dict(BASE, compile=True),
+    "phi3_qlora-compile-ckpt29": dict(BASE, compile=True, gradient_checkpointing=29),
+    "phi3_qlora-compile-no-ckpt": dict(BASE, compile=True, gradient_checkpointing=False),
     # configs/low_memory.yaml
-    "low_memory": dict(BASE, batch_size=16, gradient_checkpointing=True),
+    "low_memory": dict(BASE, batch_size=16),
+    "low_memory-compile": dict(BASE, batch_size=16, compile=True),
     # 2,048-token examples
     "long-b4": dict(BASE, batch_size=4, long=True),
-    "long-b8": dict(BASE, batch_size=8, long=True),
+    "long-b4-compile-ckpt29": dict(BASE, batch_size=4, long=True, compile=True, gradient_checkpointing=29),
 }
-DEFAULT_VARIANTS = ["phi3_qlora", "phi3_qlora-checkpoint-all", "before-issue14", "low_memory", "long-b4"]
+DEFAULT_VARIANTS = ["phi3_qlora", "phi3_qlora-liger", "phi3_qlora-compile", "phi3_qlora-compile-ckpt29", "low_memory"]
 
 
 def optimizer_factory(name: str):
@@ -662,6 +664,8 @@ def main() -> None:
             record(args.out, system="error", case=label, error=repr(err)[:500])
             free()
 
+    if everything or "dump-examples" in cases:
+        attempt("dump-examples", dump_examples, workdir)
     if everything or "sampling" in cases or "sampling-static" in cases:
         attempt("sampling", run_sampling, args.out, hf=everything or "sampling" in cases)
     for name in VARIANTS:
@@ -680,8 +684,6 @@ def main() -> None:
     for label, kwargs in trl_rows.items():
         if label in cases or (everything and label != "trl-tuned-long-b4"):
             attempt(label, run_trl, args.out, workdir, label, **kwargs)
-    if everything or "dump-examples" in cases:
-        attempt("dump-examples", dump_examples, workdir)
     write_table(args.out, tflops, params, gpu=torch.cuda.get_device_name() if CUDA else "cpu")
 
 

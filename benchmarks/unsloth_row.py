@@ -54,6 +54,7 @@ def train(model, tokenizer, examples, out: Path, batch_size: int, padding_free: 
         output_dir="/tmp/unsloth-out",
         max_steps=steps,
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,  # Unsloth's SFTConfig defaults to 2
         optim="adamw_torch_fused",
         learning_rate=2e-4,
         bf16=True,
@@ -85,6 +86,7 @@ def train(model, tokenizer, examples, out: Path, batch_size: int, padding_free: 
     warm = 10
     span = clock.times[-1] - clock.times[warm - 1]
     measured = len(clock.times) - warm
+    examples_per_step = batch_size * trainer.args.gradient_accumulation_steps
     record(
         out,
         system="unsloth",
@@ -95,8 +97,9 @@ def train(model, tokenizer, examples, out: Path, batch_size: int, padding_free: 
         optimizer="adamw_torch_fused",
         dropout=0.0,
         steps=steps,
+        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
         seconds=round(span, 2),
-        trained_tokens_per_s=round(batch_size * trained_per_example * measured / span, 1),
+        trained_tokens_per_s=round(examples_per_step * trained_per_example * measured / span, 1),
         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
     )
 

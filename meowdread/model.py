@@ -151,8 +151,6 @@ class QLoraModule(pl.LightningModule):
 
         hp = self.hparams
         speed.check_kernels(hp.get("kernels", "torch"), hp.compile)
-        if hp.compile:
-            speed.start_compile_workers()  # they start while the base loads, instead of at the first compile
         path = resolve_pretrained(hp.pretrained)
         if not Path(path).exists() and path.count("/") != 1:
             raise FileNotFoundError(f"model.pretrained: {path!r} is neither a directory nor a hub id (org/name)")

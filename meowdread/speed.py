@@ -82,20 +82,6 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
         layer.mlp.forward = types.MethodType(LigerPhi3SwiGLUMLP.forward, layer.mlp)
 
 
-def start_compile_workers() -> None:
-    """Start Inductor's compile worker processes now, not at the first compile.
-
-    Until they are up, Inductor compiles each Triton kernel in the calling process, one at a time: on a
-    fresh machine that was most of a minute for the first decoder layer (benchmarks/NOTES.md). Started
-    before the base loads, they are ready by the first training step.
-    """
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-    except ImportError:  # another torch layout: compile still works, only the first one is slower
-        return
-    maybe_warm_pool()
-
-
 def enable_checkpointing(base: torch.nn.Module, setting: bool | int) -> None:
     """Activation checkpointing (non-reentrant) on every decoder layer (``True``), the first N (an int), or
     none (``False``).
