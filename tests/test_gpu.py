@@ -1,7 +1,9 @@
-"""GPU-only: the GPU recipe's own settings (CUDA, paged AdamW, activation checkpointing) through the CLI.
+"""GPU-only: the GPU recipe's own settings (CUDA, activation checkpointing) through the CLI, the CUDA-graph
+decoder, and the speed settings that only run on a GPU (Inductor's Triton kernels, Liger's) against the eager
+step.
 
 Skipped without CUDA. The tiny model stands in for Phi-3-mini, so this checks the code path, not speed
-(for speed, see benchmarks/gpu_fit.sh).
+(for speed, see benchmarks/bench.py).
 """
 
 import json
