@@ -35,8 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meowdread.data import CatCorpusDataModule, read_conversations  # noqa: E402
+from meowdread.data import CatCorpusDataModule  # noqa: E402
 from meowdread.embedded import resolve_pretrained  # noqa: E402
+from meowdread.formats import read_corpus  # noqa: E402
 
 MODEL = "embedded:phi3-mini-random"
 CORPUS = REPO / "data" / "cat_corpus.jsonl"
@@ -88,7 +89,7 @@ def matmul_tflops() -> float:
 
 def long_corpus(path: Path, target_words: int = 1400, n: int = 48) -> Path:
     """Conversations of about 2,048 tokens: a corpus question answered by many corpus replies in a row."""
-    conversations = read_conversations(CORPUS)
+    conversations = read_corpus(CORPUS)
     replies = [m["content"] for c in conversations for m in c if m["role"] == "assistant"]
     questions = [c[0]["content"] for c in conversations if c[0]["role"] == "user"]
     rng = random.Random(0)

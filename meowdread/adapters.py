@@ -1,12 +1,17 @@
 """What the frozen base and its adapter are made of: quantization and LoRA settings, and the target check.
 
-Both dataclasses are ``model.quantization`` and ``model.lora`` in the configs.
+Both dataclasses are ``model.quantization`` and ``model.lora`` in the configs. Every option of peft's
+``LoraConfig`` can be set: the common ones by name (``model.lora.use_dora: true``), any other through
+``model.lora.extra`` under its peft name; each is checked against ``LoraConfig`` before the model loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -54,6 +59,75 @@ class LoraSettings:
     ``qkv_proj`` and ``gate_up_proj``, Llama's separate q/k/v and gate/up), never the output layer. Or a
     list of module name suffixes, each of which must match at least one module: peft skips a name that
     matches nothing, so Llama's names on Phi-3 would silently adapt only ``o_proj`` and ``down_proj``."""
+    exclude_modules: list[str] | str | None = None
+    """Module names (suffixes, or a regex as one string) to leave out of ``target_modules``."""
+    use_dora: bool = False
+    """DoRA: also learn each output's magnitude (Liu et al. 2024). Slower; sampling then uses HF ``generate``."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which suits high ranks."""
+    init_lora_weights: bool | str = True
+    """``true`` (B zero, A Kaiming: the adapter starts as a no-op), ``false``, or one of peft's named schemes
+    (``gaussian``, ``pissa``, ``pissa_niter_16``, ``olora``, ``orthogonal``, ``loftq``, …)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which bias terms of the base to train as well (Phi-3's linear layers have none)."""
+    lora_bias: bool = False
+    """Give the LoRA B matrix a bias of its own."""
+    fan_in_fan_out: bool = False
+    """The target layers store their weight as (fan_in, fan_out), as GPT-2's Conv1D does."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full besides the adapters (e.g. ``[lm_head]``); their copies go into checkpoints."""
+    layers_to_transform: list[int] | int | None = None
+    """Adapt only these layer indices."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list that ``layers_to_transform`` counts in (``layers`` for Phi-3)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Another rank for the modules whose name matches a key (a regex), e.g. ``{"down_proj": 8}``."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Another alpha for the modules whose name matches a key."""
+    target_parameters: list[str] | None = None
+    """Parameters (not modules) to adapt, such as the expert weights of a mixture of experts."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Train the embeddings of these token ids only (e.g. new special tokens), not the whole matrix."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other ``LoraConfig`` option, by its peft name: ``{"layer_replication": [[0, 2]]}``."""
+
+    def to_peft(self):
+        """peft's ``LoraConfig`` for these settings. A bad setting is a ValueError naming its ``model.lora`` key."""
+        from peft import LoraConfig, __version__
+
+        fields = {f.name: f for f in dataclasses.fields(LoraConfig) if f.init}
+        renamed = {"lora_alpha": "alpha", "lora_dropout": "dropout"}  # peft's name: ours
+        same = {f.name for f in dataclasses.fields(self)} - {"extra", *renamed.values()}
+        own_names = renamed | {name: name for name in same}
+        for key in self.extra:
+            if key in own_names:
+                raise ValueError(f"model.lora.extra.{key}: set it as model.lora.{own_names[key]}")
+            if key in _SET_BY_MEOWDREAD or key not in fields:
+                close = difflib.get_close_matches(key, [k for k in fields if k not in _SET_BY_MEOWDREAD], n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"model.lora.extra.{key}: not an option of peft {__version__}'s LoraConfig{hint}")
+        _check_init(self.init_lora_weights, str(fields["init_lora_weights"].type))
+        options = {own: getattr(self, name) for own, name in own_names.items()}
+        try:
+            return LoraConfig(task_type="CAUSAL_LM", **options, **self.extra)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model.lora: {' '.join(str(err).split())}") from None
+
+
+# LoraConfig fields that describe the run rather than the adapter: meowdread fills them in.
+_SET_BY_MEOWDREAD = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                     "inference_mode"}  # fmt: skip
+
+
+def _check_init(value: bool | str, annotation: str) -> None:
+    """``init_lora_weights`` is a bool or one of the names in peft's annotation (``pissa_niter_[number of
+    iters]`` standing for ``pissa_niter_`` and a number): checked now, where peft would find out mid-load."""
+    if isinstance(value, bool):
+        return
+    names = re.findall(r"'([^']+)'", annotation)
+    patterns = [re.escape(n).replace(re.escape("[number of iters]"), r"\d+") for n in names]
+    if not any(re.fullmatch(pattern, value) for pattern in patterns):
+        raise ValueError(f"model.lora.init_lora_weights: {value!r} is not true, false or one of {', '.join(names)}")
 
 
 def find_unmatched_targets(model: torch.nn.Module, targets: str | list[str]) -> list[str]:

@@ -35,7 +35,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def sample_metrics(datamodule, **kwargs) -> SampleMetrics:
+def build_sample_metrics(datamodule, **kwargs) -> SampleMetrics:
     """The sample metrics of a data module: its lexicons, and its training replies for memorization."""
     lexicons = [Lexicon.load(path) for path in datamodule.hparams.lexicons]
     return SampleMetrics(lexicons, datamodule.train_replies, **kwargs)
@@ -54,7 +54,12 @@ class SampleCallback(pl.Callback):
     - At the end of ``fit``, the run's hyperparameters with the final ``val/loss``, ``val/ppl`` and sample
       metrics (as ``hp/<name>`` scalars) go to TensorBoard's HParams tab: one comparable row per run.
 
-    Only rank zero samples; the model's training mode and the RNG state are restored.
+    Only rank zero samples; the model's training mode and the RNG state are restored. The latest prompts,
+    answers and per-answer scores stay on the callback (``last_prompts``, ``last_answers``, ``last_scores``).
+
+    To score answers another way, subclass it and override :meth:`compute_metrics` (each returned scalar is
+    logged as ``samples/<name>`` and goes into the HParams row), :meth:`sample_metrics` (the metric
+    collection) or :meth:`generate` (how the answers are sampled); ``examples/extra_metric.py`` adds one.
 
     Args:
         num_prompts: answer the first N prompts of ``data.prompts`` (all of them if None). More prompts give
@@ -66,11 +71,33 @@ class SampleCallback(pl.Callback):
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
         self.metrics: SampleMetrics | None = None
         self.latest: dict[str, float] = {}
+        self.last_prompts: list[str] = []
+        self.last_answers: list[str] = []
+        self.last_scores: list[dict[str, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Here, so that a bad lexicon stops the run before the model loads.
         if stage == "fit" and trainer.is_global_zero:
-            self.metrics = sample_metrics(trainer.datamodule, sync_on_compute=False)
+            self.metrics = self.sample_metrics(trainer, pl_module)
+
+    def sample_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SampleMetrics:
+        """The metrics the answers are scored with (built once, at setup): the data module's lexicons and its
+        training replies."""
+        return build_sample_metrics(trainer.datamodule, sync_on_compute=False)
+
+    def generate(self, pl_module: pl.LightningModule, prompts: list[str], settings: SamplingSettings) -> list[str]:
+        """The answers to ``prompts``, through the one sampler (:func:`meowdread.generation.generate`)."""
+        return generate(pl_module.model, pl_module.tokenizer, prompts, settings)
+
+    def compute_metrics(
+        self, prompts: list[str], answers: list[str], nll: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Each answer's scores (shown beside it in the ``samples`` text) and the scalars over all answers
+        (logged as ``samples/<name>``). ``nll`` and ``tokens`` are each answer's summed negative
+        log-likelihood under the base model and its token count."""
+        self.metrics.reset()
+        scores = self.metrics.update(answers, nll, tokens)
+        return scores, self.metrics.compute()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -96,11 +123,10 @@ class SampleCallback(pl.Callback):
         start = time.perf_counter()
         with trainer.precision_plugin.forward_context():
             with model.disable_adapter() if base else contextlib.nullcontext():
-                answers = generate(model, tokenizer, prompts, self.settings(pl_module))
+                answers = self.generate(pl_module, prompts, self.settings(pl_module))
             nll, tokens = base_nll(model, tokenizer, prompts, answers)
-        self.metrics.reset()
-        scores = self.metrics.update(answers, nll, tokens)
-        self.latest = self.metrics.compute()
+        scores, self.latest = self.compute_metrics(prompts, answers, nll, tokens)
+        self.last_prompts, self.last_answers, self.last_scores = prompts, answers, scores
         seconds = time.perf_counter() - start
         summary = " · ".join(f"{k} {number(v)}" for k, v in self.latest.items())
         rows = "\n".join(
@@ -175,7 +201,7 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before sampling, so that a missing corpus or a bad lexicon costs no answers.
         if stage == "predict" and trainer.is_global_zero:
-            self.metrics = sample_metrics(trainer.datamodule, sync_on_compute=False)
+            self.metrics = build_sample_metrics(trainer.datamodule, sync_on_compute=False)
 
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any

@@ -12,9 +12,11 @@ errors (an unknown key, a value of the wrong type), which would otherwise print 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import re
 import tempfile
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,21 +40,40 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {key}: {problem}" if path else f"{key}: {problem}")
 
 
+def init_args(config: Any, key: str) -> Any:
+    """The settings of ``config.model`` or ``config.data``: the ``init_args`` of its ``class_path`` (the CLI
+    runs in subclass mode), or the namespace itself where there is no class path."""
+    section = config[key]
+    return section.init_args if section.get("class_path") else section
+
+
 def check_config(subcommand: str | None, config: Any) -> None:
     """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``); ``subcommand`` is
     None for ``chat`` and ``export``, which write no run directory."""
+    model, data = init_args(config, "model"), init_args(config, "data")
     check_cuda_settings(config)
     if subcommand is not None:
         check_output_dir(config)
-    check_pretrained(config.model.pretrained)
-    check_adapter(config.model.get("adapter"))
+    check_pretrained(model.pretrained)
+    check_adapter(model.get("adapter"))
     callbacks = config.trainer.get("callbacks") or []
-    samples = any(str(getattr(c, "class_path", "")).endswith("SampleCallback") for c in callbacks)
-    if subcommand == "predict" or (subcommand == "fit" and samples):
-        read_prompts(config.data.prompts)
+    if subcommand == "predict" or (subcommand == "fit" and any(_samples(c) for c in callbacks)):
+        read_prompts(data.prompts)
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
-        check_checkpoint(ckpt_path, config.model)
+        check_checkpoint(ckpt_path, model)
+
+
+def _samples(callback: Any) -> bool:
+    """Whether a configured callback is a :class:`meowdread.callbacks.SampleCallback` or a subclass of one."""
+    from meowdread.callbacks import SampleCallback
+
+    module, _, name = _class_path(callback).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False  # the parser imported it already: a class it could not import does not get here
+    return isinstance(cls, type) and issubclass(cls, SampleCallback)
 
 
 def _class_path(value: Any) -> str:
@@ -66,7 +87,7 @@ def check_cuda_settings(config: Any) -> None:
     accelerator = _class_path(config.trainer.get("accelerator"))
     if accelerator.lower() in ("gpu", "cuda") or accelerator.endswith("CUDAAccelerator"):
         raise ConfigError("trainer.accelerator", f"{accelerator!r} needs CUDA, and {CPU_HINT}")
-    optimizer = _class_path(config.model.get("optimizer"))
+    optimizer = _class_path(init_args(config, "model").get("optimizer"))
     if optimizer.startswith("bitsandbytes.optim.Paged"):
         raise ConfigError(
             "model.optimizer", f"{optimizer} pages its state in CUDA memory, and {CPU_HINT} (torch.optim.AdamW)"
@@ -158,7 +179,7 @@ def check_checkpoint(ckpt_path: str | Path, model: Any) -> None:
 
 def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[str]) -> ConfigError:
     """One line for a jsonargparse error, naming the config file that set the key, if one did."""
-    args = list(args)
+    args, message = list(args), _unwrap_subclass_error(message)
     if message.startswith("Problems parsing config"):
         for config in _config_files(args):
             try:
@@ -171,13 +192,39 @@ def explain_parse_error(message: str, args: Iterable[str], known_keys: Iterable[
     if unknown:
         key = unknown.group(1) or unknown.group(2)
         close = difflib.get_close_matches(key, list(known_keys), n=1, cutoff=0.75)
-        problem = "unknown option" + (f" (did you mean {close[0]}?)" if close else "; see --help")
+        section = key.split(".")[0] if key.startswith(("model.", "data.")) else ""  # their options: --model.help
+        problem = "unknown option" + (
+            f" (did you mean {close[0]}?)" if close else f"; see --{section}{'.' * bool(section)}help"
+        )
         return ConfigError(key, problem, _source(key, args))
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if not keys:
         return ConfigError("command line", " ".join(message.split()))
     key = keys[0] + "".join(f".init_args.{inner}" for inner in keys[1:])
     return ConfigError(key, _describe_value_error(message.split(f'Parser key "{keys[-1]}"')[-1]), _source(key, args))
+
+
+def _unwrap_subclass_error(message: str) -> str:
+    """The error inside a ``model``/``data`` class (subclass mode), as if its options were the parser's own:
+    ``Parser key "model": … Problem with given class_path '…': Parser key "lora.r": …`` becomes
+    ``Parser key "model.lora.r": …``, and the ``null`` alternative of the outer union is dropped."""
+    found = re.match(
+        r'Parser key "(model|data)":.*?- Problem with given class_path \'[^\']+\':\n(.*?)\n\s*- Expected a '
+        r"<class 'NoneType'>",
+        message,
+        re.S,
+    )
+    if not found:
+        return message
+    prefix, inner = found.group(1), textwrap.dedent(found.group(2)).strip()
+    group = re.fullmatch(r"Group '([^']+)' does not accept option '([^']+)'", inner)
+    if group:
+        return f"does not accept option '{prefix}.{group.group(1)}.{group.group(2)}'"
+    if inner.startswith("unrecognized arguments: --"):
+        return inner.replace("--", f"--{prefix}.", 1)
+    if inner.startswith('Parser key "'):
+        return inner.replace('Parser key "', f'Parser key "{prefix}.', 1)
+    return message
 
 
 def _describe_value_error(detail: str) -> str:

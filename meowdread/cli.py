@@ -10,6 +10,13 @@ and ``export`` (:mod:`meowdread.chat`, :mod:`meowdread.export`), which read the 
 ``--ckpt_path last`` means the ``last.ckpt`` of the newest run under the logger's directory; ``fit`` then
 resumes that run in its own directory, so its TensorBoard curves continue.
 
+``--model`` and ``--data`` take a subclass of :class:`~meowdread.model.QLoraModule` or
+:class:`~meowdread.data.CatCorpusDataModule` (LightningCLI's subclass mode), the shipped classes by default::
+
+    meowdread fit --config configs/tiny.yaml --model examples.neftune.NEFTuneModule --model.noise_alpha 5
+
+Configs keep their flat ``model:`` and ``data:`` keys; a stacked config swaps a class with ``class_path``.
+
 Bad input is one line on stderr and exit code 2 (``MEOWDREAD_DEBUG=1`` for the traceback); the settings are
 checked (:mod:`meowdread.checks`) before the model loads. Checkpoints are written atomically and loaded
 weights-only, and Ctrl-C during ``fit`` saves one (:mod:`meowdread.checkpoints`).
@@ -17,8 +24,10 @@ weights-only, and Ctrl-C during ``fit`` saves one (:mod:`meowdread.checkpoints`)
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError, RawDescriptionHelpFormatter
@@ -26,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -48,7 +57,31 @@ def find_last_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class _Parser(LightningArgumentParser):
+    """Options must be spelled out: ``--model.lora.rank`` would otherwise be taken for ``rank_pattern``. The
+    parsers of the model and data classes are of their parent's class, so they refuse abbreviations too."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+
+def _import_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class MeowCLI(LightningCLI):
+    """LightningCLI in subclass mode, with the given module and data module classes as the defaults."""
+
+    def __init__(self, model_class=QLoraModule, datamodule_class=CatCorpusDataModule, **kwargs):
+        super().__init__(
+            model_class,
+            datamodule_class,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=_Parser,
+            **kwargs,
+        )
+
     def init_parser(self, **kwargs):
         # Raise parse errors instead of printing the whole usage: parse_arguments makes them one line.
         kwargs.setdefault("exit_on_error", False)
@@ -61,15 +94,38 @@ class MeowCLI(LightningCLI):
             args = sys.argv[1:] if args is None else args
             subcommand = next((a for a in args if a in self.subcommands()), None)
             known = [a.dest for a in (self._parser(subcommand) if subcommand else parser)._actions]
-            raise explain_parse_error(str(err), args, known) from None
+            raise explain_parse_error(str(err), args, known + self._class_keys(str(err))) from None
+
+    @staticmethod
+    def _class_keys(message: str) -> list[str]:
+        """The flat option names (``model.lora.r``) of the module or data class a parse error is about."""
+        found = re.match(r'Parser key "(model|data)":.*?Problem with given class_path \'([\w.]+)\'', message, re.S)
+        if not found:
+            return []
+        from jsonargparse import ArgumentParser
+
+        module, _, name = found.group(2).rpartition(".")
+        try:
+            inner = ArgumentParser(exit_on_error=False)
+            inner.add_class_arguments(getattr(importlib.import_module(module), name), fail_untyped=False)
+        except (ImportError, AttributeError, ValueError):
+            return []
+        return [f"{found.group(1)}.{action.dest}" for action in inner._actions]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the configured model settings with the checkpoint's; here the configuration
         stays the truth, and ``check_checkpoint`` refuses a checkpoint that does not fit it."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # A config's flat ``model:`` and ``data:`` keys are init args of these unless it names a class_path.
+        parser.set_defaults(
+            {
+                "model": {"class_path": _import_path(self._model_class)},
+                "data": {"class_path": _import_path(self._datamodule_class)},
+            }
+        )
         # The tokenizer must be the model's own.
-        parser.link_arguments("model.pretrained", "data.pretrained")
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -90,6 +146,16 @@ class MeowCLI(LightningCLI):
             init.version = last.parent.parent.name
         print(f"--ckpt_path last: {last}", file=sys.stderr)
         return last
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # In subclass mode, jsonargparse reports an error of the module's or data module's __init__ as one
+            # alternative of a union that did not validate; the error itself is the cause.
+            if "Does not validate against any of the Union subtypes" in str(err) and err.__cause__ is not None:
+                raise err.__cause__ from None
+            raise
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -113,8 +179,6 @@ class ToolCLI(MeowCLI):
             # LightningCLI warns when given args while sys.argv has some: here args are sys.argv minus the tool.
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
             super().__init__(
-                QLoraModule,
-                CatCorpusDataModule,
                 save_config_callback=None,
                 run=False,
                 args=args,
@@ -176,14 +240,16 @@ def main(args: list[str] | None = None) -> None:
     # noise for an offline run, and not something to install here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = sys.argv[1:] if args is None else args
+    # A class path such as --model my_pkg.MyModule imports from the working directory, as under `python -m`;
+    # appended last, so that nothing there shadows an installed module.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         if argv and argv[0] in TOOLS:
             cli = ToolCLI(argv[0], argv[1:])
             cli.tool.run(cli)
         else:
             MeowCLI(
-                QLoraModule,
-                CatCorpusDataModule,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={"callbacks": [SaveOnInterrupt()]},
                 parser_kwargs={

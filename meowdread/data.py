@@ -11,32 +11,22 @@ not. The pad token of many chat models is an end token, so comparing ids would m
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from meowdread.chat_format import IGNORE_INDEX, ChatFormat
 from meowdread.embedded import TINY_PHI3, resolve_pretrained
+from meowdread.formats import CorpusError, Format, Message, read_corpus, read_prompts
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-
-
-class CorpusError(ValueError):
-    """Bad input in a corpus, prompts or lexicon file; the message names the file, the line and the field."""
-
-    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
-        where = f"{path}:{line}" if line else str(path)
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
 
 def load_tokenizer(pretrained: str):
@@ -51,72 +41,6 @@ def load_tokenizer(pretrained: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = ChatFormat.of(tokenizer).turn_end
     return tokenizer
-
-
-def read_conversations(path: str | Path) -> list[list[Message]]:
-    """Read and check a JSON-lines corpus of ``{"messages": [...]}`` records."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(path, None, "data.corpus", "file not found")
-    conversations, seen = [], {}
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise CorpusError(path, number, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(path, number, None, f"not valid JSON ({err.msg}, column {err.colno})") from None
-        messages = _check_messages(record, path, number)
-        key = json.dumps(messages, sort_keys=True)
-        if key in seen:
-            log.warning("%s:%d: duplicate of the conversation on line %d", path, number, seen[key])
-        seen.setdefault(key, number)
-        conversations.append(messages)
-    if not conversations:
-        raise CorpusError(path, None, "data.corpus", "no conversations in the file")
-    return conversations
-
-
-def _check_messages(record: Any, path: Path, number: int) -> list[Message]:
-    if not isinstance(record, dict) or "messages" not in record:
-        raise CorpusError(path, number, "messages", 'missing: each line must be {"messages": [...]}')
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise CorpusError(path, number, "messages", "must be a non-empty list of {role, content}")
-    for i, message in enumerate(messages):
-        field = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise CorpusError(path, number, field, "must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise CorpusError(path, number, f"{field}.role", f"unknown role {role!r} (system, user or assistant)")
-        if not isinstance(content, str) or not content.strip():
-            raise CorpusError(path, number, f"{field}.content", "must be a non-empty string")
-        expected = ("system", "user") if i == 0 else ("user",) if messages[i - 1]["role"] != "user" else ("assistant",)
-        if role not in expected:
-            raise CorpusError(path, number, f"{field}.role", f"{role!r} out of order: expected {' or '.join(expected)}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise CorpusError(path, number, "messages", "no assistant turn: nothing to train on")
-    if messages[-1]["role"] != "assistant":
-        raise CorpusError(
-            path, number, f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant turn"
-        )
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt a line; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(path, None, "data.prompts", "file not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise CorpusError(path, None, "data.prompts", "no prompts in the file")
-    return prompts
 
 
 def format_trained_tokens(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> str:
@@ -234,8 +158,8 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _assistant_replies(split) -> list[str]:
-    return [m["content"] for row in split for m in row["messages"] if m["role"] == "assistant"]
+def _assistant_replies(conversations: list[list[Message]]) -> list[str]:
+    return [m["content"] for messages in conversations for m in messages if m["role"] == "assistant"]
 
 
 def collate_prompts(prompts: list[str]) -> dict[str, list[str]]:
@@ -246,8 +170,11 @@ class CatCorpusDataModule(pl.LightningDataModule):
     """Chat-formatted corpus → length-grouped, right-padded batches; prompts file → predict batches.
 
     Args:
-        corpus: JSON-lines file of ``{"messages": [{"role", "content"}, ...]}`` records.
-        prompts: one prompt a line, for ``predict`` and the sample callback.
+        corpus: the conversations: a JSON-lines, JSON, CSV or Parquet file, a ``datasets.save_to_disk`` folder
+            or a hub dataset id ``org/name[:split]`` (see README "Data formats").
+        format: the records' format: ``messages``, ``sharegpt``, ``prompt_completion``, or ``auto`` to take
+            that of the first record.
+        prompts: one prompt a line, for ``predict`` and the sample callback; lines starting with ``#`` are comments.
         pretrained: where the tokenizer comes from; the CLI links it to ``model.pretrained``.
         max_length: longest example in tokens, template included.
         overlong: what to do with longer examples: ``drop`` them or ``truncate`` them (counted in the log).
@@ -263,6 +190,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
     def __init__(
         self,
         corpus: str = "data/cat_corpus.jsonl",
+        format: Format = "auto",
         prompts: str = "data/prompts.txt",
         pretrained: str = TINY_PHI3,
         max_length: int = 1024,
@@ -304,39 +232,52 @@ class CatCorpusDataModule(pl.LightningDataModule):
         Read from the corpus (split as ``fit`` splits it) when ``setup`` has not done so, as in ``predict``.
         """
         if self._train_replies is None:
-            self._train_replies = _assistant_replies(self._split()["train"])
+            self._train_replies = _assistant_replies(self.split()["train"])
         return self._train_replies
 
-    def _split(self):
-        from datasets import Dataset
+    def read(self) -> list[list[Message]]:
+        """Every conversation of the corpus, as checked ``{"role", "content"}`` messages. Override it to read
+        data that :func:`meowdread.formats.read_corpus` does not."""
+        return read_corpus(self.hparams.corpus, self.hparams.format)
 
-        conversations = read_conversations(self.hparams.corpus)
-        dataset = Dataset.from_list([{"messages": c} for c in conversations])
-        n_val = max(1, round(len(dataset) * self.hparams.val_fraction))
-        if n_val >= len(dataset):
+    def split(self) -> dict[str, list[list[Message]]]:
+        """``{"train": [...], "val": [...]}``: ``val_fraction`` of :meth:`read`'s conversations held out, drawn
+        with ``seed``. Override it to split otherwise (by a field, a fixed validation file, ...)."""
+        conversations = self.read()
+        n_val = max(1, round(len(conversations) * self.hparams.val_fraction))
+        if n_val >= len(conversations):
             raise CorpusError(
-                self.hparams.corpus, None, "data.val_fraction", f"{len(dataset)} conversations are too few to split"
+                self.hparams.corpus,
+                None,
+                "data.val_fraction",
+                f"{len(conversations)} conversations are too few to split",
             )
-        return dataset.train_test_split(test_size=n_val, seed=self.hparams.seed)
+        # The permutation of datasets' train_test_split(test_size=n_val, seed=seed), which this split used to
+        # be: the same corpus and seed keep giving the same split.
+        order = np.random.default_rng(self.hparams.seed).permutation(len(conversations))
+        return {
+            "train": [conversations[i] for i in order[n_val:]],
+            "val": [conversations[i] for i in order[:n_val]],
+        }
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.pretrained)
         if stage == "predict" or self.train_set:
             return
-        split = self._split()
+        split = self.split()
         self._train_replies = _assistant_replies(split["train"])
         self.train_set = self._encode(split["train"], "train")
-        self.val_set = self._encode(split["test"], "val")
+        self.val_set = self._encode(split["val"], "val")
         for example in self.train_set[: self.hparams.show_examples]:
             print(format_trained_tokens(self.tokenizer, example["input_ids"], example["labels"]), "\n")
 
-    def _encode(self, split, name: str) -> list[dict]:
+    def _encode(self, conversations: list[list[Message]], name: str) -> list[dict]:
         max_length, truncate = self.hparams.max_length, self.hparams.overlong == "truncate"
         chat_format = ChatFormat.of(self.tokenizer)
         examples, overlong = [], 0
-        for row in split:
-            e = chat_format.encode(row["messages"])
+        for messages in conversations:
+            e = chat_format.encode(messages)
             if len(e["input_ids"]) > max_length:
                 overlong += 1
                 if not truncate:
@@ -351,7 +292,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
                 "%s: %d of %d %s examples are longer than max_length=%d and were %s",
                 self.hparams.corpus,
                 overlong,
-                len(split),
+                len(conversations),
                 name,
                 max_length,
                 verb,

@@ -23,10 +23,58 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-def supports(model) -> bool:
-    """Whether ``model`` (a peft model or a bare transformers model) is a Phi-3 this engine can decode."""
+def decodes_architecture(model) -> bool:
+    """Whether ``model`` (a peft model or a bare transformers model) is a Phi-3, whose layers this engine runs."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base.config, "model_type", None) == "phi3" and hasattr(base, "model")
+
+
+def unsupported(model) -> str | None:
+    """Why this engine would not give ``model``'s own logits, or None when it would.
+
+    The engine merges each linear layer into one matrix with peft's ``get_delta_weight``, which is plain
+    LoRA's update only. Anything else changes the layer's output in another way and is refused: LoRA
+    variants (DoRA rescales by the weight norm, so peft's bnb layer does not merge it with that formula;
+    aLoRA, QA-LoRA and the like), a LoRA bias, other adapter types, and peft wrappers other than a trained copy
+    (``modules_to_save``) where the engine reads a weight. Embeddings and norms run through their own
+    forward, so any adapter on them is reproduced.
+    """
+    if not decodes_architecture(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return f"it decodes Phi-3 models only, not {getattr(base.config, 'model_type', type(base).__name__)!r}"
+    for name, config in getattr(model, "peft_config", {}).items():
+        if name in model.active_adapters and getattr(config, "peft_type", "LORA") != "LORA":
+            return f"adapter {name!r} is {config.peft_type}, not LoRA"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    merged = {f"model.layers.{i}.{part}": layer.get_submodule(part) for i, layer in enumerate(base.model.layers)
+              for part in _MERGED_LINEARS} | {"lm_head": base.lm_head}  # fmt: skip
+    for name, linear in merged.items():
+        if type(linear).__name__ == "ModulesToSaveWrapper":  # its weight is the active copy's, or the original's
+            active = [] if linear.disable_adapters else linear.active_adapters
+            linear = linear.modules_to_save[active[0]] if active else linear.original_module
+        plain = linear.get_base_layer() if hasattr(linear, "lora_A") else linear
+        if type(plain).__name__ not in ("Linear", "Linear4bit"):
+            return f"{name} is a {type(linear).__name__}"
+        if plain.bias is not None:
+            return f"{name} has a bias"
+        if not hasattr(linear, "lora_A") or linear.disable_adapters or linear.merged:
+            continue
+        for adapter in linear.active_adapters:
+            if adapter in linear.lora_variant:
+                variant = type(linear.lora_variant[adapter]).__name__
+                return f"{name} is a LoRA variant ({variant.removesuffix('LinearVariant')}) of adapter {adapter!r}"
+            if linear.lora_bias.get(adapter):
+                return f"{name} has a LoRA bias (lora_bias) in adapter {adapter!r}"
+    return None
+
+
+# The linear layers of a Phi-3 decoder layer whose weights the engine merges.
+_MERGED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def supports(model) -> bool:
+    """Whether this engine decodes ``model`` exactly as the model itself computes (see :func:`unsupported`)."""
+    return unsupported(model) is None
 
 
 def effective_weight(linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:

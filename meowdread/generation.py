@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -38,29 +39,23 @@ class SamplingSettings:
 
 
 def use_static_engine(model, settings: SamplingSettings) -> bool:
+    """Whether ``settings`` and ``model`` call for the static engine; where the engine would not reproduce the
+    model's adapter exactly, HF ``generate`` samples instead, and the log says why (once)."""
     if settings.engine == "hf":
         return False
-    if settings.engine == "static":
-        if not fast_generation.supports(model):
-            raise ValueError("model.sampling.engine: 'static' decodes Phi-3 models only; use 'auto' or 'hf'")
-        return True
-    if next(model.parameters()).device.type != "cuda":
+    if settings.engine == "static" and not fast_generation.decodes_architecture(model):
+        raise ValueError("model.sampling.engine: 'static' decodes Phi-3 models only; use 'auto' or 'hf'")
+    if settings.engine == "auto" and next(model.parameters()).device.type != "cuda":
         return False
-    if not fast_generation.supports(model):
-        _log_fallback(model)
-        return False
-    return True
+    reason = fast_generation.unsupported(model)
+    if reason is not None:
+        _say_once(f"sampling with HF generate: the static engine does not reproduce this model ({reason})")
+    return reason is None
 
 
-def _log_fallback(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kind = getattr(base.config, "model_type", type(base).__name__)
-    if kind not in _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.add(kind)
-        log.info("sampling: the static engine decodes Phi-3 only; %s samples with HF generate", kind)
-
-
-_FALLBACK_LOGGED: set[str] = set()
+@functools.cache
+def _say_once(message: str) -> None:
+    log.info(message)
 
 
 @torch.inference_mode()

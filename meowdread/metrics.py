@@ -34,7 +34,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from meowdread.chat_format import IGNORE_INDEX, ChatFormat
-from meowdread.data import CorpusError, collate
+from meowdread.data import collate
+from meowdread.formats import CorpusError
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
@@ -88,7 +89,7 @@ class Lexicon:
         if not path.is_file():
             raise CorpusError(path, None, None, "lexicon file not found")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no part of the JSON
         except json.JSONDecodeError as err:
             raise CorpusError(path, err.lineno, None, f"not valid JSON ({err.msg}, column {err.colno})") from None
         if not isinstance(data, dict):

@@ -1,21 +1,26 @@
 """The LightningModule: a bitsandbytes 4-bit Phi-3 with peft LoRA adapters, and the training step.
 
-The research surface is small on purpose: ``training_step`` and ``validation_step`` call ``_step``, which
-calls :meth:`QLoraModule.compute_loss`; override that one method to try another loss.
+The research surface is small on purpose. ``training_step``, ``validation_step`` and ``test_step`` call
+:meth:`QLoraModule.model_step` with the stage (``"train"``, ``"val"``, ``"test"``), which embeds the input
+(:meth:`~QLoraModule.embed`), runs the model, and calls :meth:`~QLoraModule.compute_loss`. Override one of
+these in a subclass, and run it with ``--model my_pkg.MyModule``; its own ``__init__`` arguments become
+options and hyperparameters (see ``examples/``).
 
     meowdread fit --config configs/tiny.yaml
+    meowdread fit --config configs/tiny.yaml --config examples/neftune.yaml
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -114,25 +119,16 @@ class QLoraModule(pl.LightningModule):
     ):
         super().__init__()
         self.quantization, self.lora, self.sampling = quantization, lora, sampling
-        # Not a hyperparameter: LightningCLI would restore it from the checkpoint over the command line's.
+        if adapter is None:
+            lora.to_peft()  # a bad LoRA setting is one error now, not after the base has loaded
         self.compare_base = compare_base
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        # Plain values only, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {
-                "pretrained": pretrained,
-                "quantization": asdict(quantization),
-                "lora": asdict(lora),
-                "adapter": adapter,
-                "gradient_checkpointing": gradient_checkpointing,
-                "upcast_frozen_weights": upcast_frozen_weights,
-                "trust_remote_code": trust_remote_code,
-                "attn_implementation": attn_implementation,
-                "compile": compile,
-                "kernels": kernels,
-                "sampling": asdict(sampling),
-            }
-        )
+        # Every __init__ argument, a subclass's own included: LightningCLI hands over the parsed config, and a
+        # module built in Python has its constructor calls read. Then as plain values (settings as dicts,
+        # classes as import paths), so that checkpoints load with torch.load(weights_only=True).
+        # compare_base is not a hyperparameter: a checkpoint's value must not override the command line's.
+        self.save_hyperparameters(ignore=["compare_base"])
+        self.save_hyperparameters(plain_values(self.hparams))
         self.strict_loading = False  # checkpoints hold the LoRA weights only; on_load_checkpoint checks them
         self.model = None
         self.tokenizer = None
@@ -146,7 +142,7 @@ class QLoraModule(pl.LightningModule):
         """Load the quantized base on this rank's device (or ``device``) and wrap it with LoRA (once)."""
         if self.model is not None:
             return
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
         hp = self.hparams
@@ -190,17 +186,7 @@ class QLoraModule(pl.LightningModule):
                     f"model.lora.target_modules: {unmatched} match no module of {hp.pretrained}. Its linear "
                     f"layers ({kind}) are {linear_names(base)}; or use all-linear"
                 )
-            config = LoraConfig(
-                r=self.lora.r,
-                lora_alpha=self.lora.alpha,
-                lora_dropout=self.lora.dropout,
-                target_modules=self.lora.target_modules
-                if isinstance(self.lora.target_modules, str)
-                else list(self.lora.target_modules),
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            self.model = get_peft_model(base, config)
+            self.model = get_peft_model(base, self.lora.to_peft())
         if hp.compile:
             speed.compile_training_layers(base.model.layers)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -234,27 +220,39 @@ class QLoraModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, input_ids: torch.Tensor, stage: str) -> torch.Tensor:
+        """The input embeddings the model runs on in :meth:`model_step`: the place for noise or other changes
+        to the input (NEFTune is one override, ``examples/neftune.py``)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def compute_loss(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over trained tokens, and how many there were.
 
         Returning the sum lets the step normalise by the trained tokens of a whole accumulation window (and
-        of all ranks), not average per-batch means (PITFALLS 8). Only labelled positions reach the fp32
-        log-softmax, which saves memory over the 32k vocabulary.
+        of all ranks), not average per-batch means (transformers PR #34191). Only labelled positions reach the
+        fp32 log-softmax, which saves memory over the 32k vocabulary. ``stage`` is ``"train"``, ``"val"`` or
+        ``"test"``: a regulariser added only when it is ``"train"`` leaves ``val/loss`` comparable.
         """
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         loss_sum = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
         return loss_sum, keep.sum()
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step that training, validation and test share: :meth:`embed`, the model, :meth:`compute_loss`.
+
+        Returns the summed loss and the number of trained tokens it sums over.
+        """
         # Batches are right-padded (``data.collate``): under causal attention no real token can see a pad
         # token after it, so the padding mask changes no logit that has a label. Without it, attention runs
         # the plain causal kernel (FlashAttention-2) instead of a masked one.
-        logits = self(batch["input_ids"], None)
-        return self.compute_loss(logits, batch)
+        logits = self.model(inputs_embeds=self.embed(batch["input_ids"], stage)).logits
+        return self.compute_loss(logits, batch, stage)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_tokens = self._step(batch)
+        loss_sum, n_tokens = self.model_step(batch, "train")
         self._window_loss = self._window_loss.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + n_tokens
         return loss_sum
@@ -284,14 +282,15 @@ class QLoraModule(pl.LightningModule):
         self._window_tokens = torch.zeros((), device=loss.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n_tokens = self._step(batch)
+        loss_sum, n_tokens = self.model_step(batch, "val")
         self.eval_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        loss_sum, n_tokens = self.model_step(batch, "test")
+        self.eval_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
@@ -400,6 +399,24 @@ class QLoraModule(pl.LightningModule):
         staging.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
         return directory
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with dataclasses as dicts, tuples as lists and classes or functions as their import paths:
+    what ``torch.load(weights_only=True)`` and ``hparams.yaml`` can hold."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_values(v) for v in value]
+    if isinstance(value, functools.partial):
+        return {"class_path": plain_values(value.func), "init_args": plain_values(value.keywords)}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
 
 
 def adapter_base(adapter: str | Path) -> str:

@@ -44,8 +44,10 @@ def test_every_config_parses_and_says_how_to_run_it(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert "pretrained" not in resolved["data"]  # linked to model.pretrained: the tokenizer is the model's
-    assert resolved["model"]["trust_remote_code"] is False
+    assert resolved["model"]["class_path"] == "meowdread.model.QLoraModule"  # the default in subclass mode
+    assert resolved["data"]["class_path"] == "meowdread.data.CatCorpusDataModule"
+    assert "pretrained" not in resolved["data"]["init_args"]  # linked to model.pretrained: the model's tokenizer
+    assert resolved["model"]["init_args"]["trust_remote_code"] is False
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -291,8 +293,9 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     from transformers import AutoModelForCausalLM
 
     from meowdread.chat_format import ChatFormat
-    from meowdread.data import collate, read_conversations
+    from meowdread.data import collate
     from meowdread.embedded import resolve_pretrained
+    from meowdread.formats import read_corpus
     from meowdread.model import QuantizationSettings
 
     root, out = run[0].parent.parent, tmp_path / "exported"
@@ -309,9 +312,7 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
     )
     adapted = PeftModel.from_pretrained(base, run[0] / "adapter").eval()
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-    batch = collate(
-        [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:4]], tokenizer.pad_token_id
-    )
+    batch = collate([ChatFormat.of(tokenizer).encode(c) for c in read_corpus(CORPUS)[:4]], tokenizer.pad_token_id)
     keep = batch["attention_mask"].bool()
     with torch.inference_mode():
         reference = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep].float()

@@ -3,7 +3,7 @@
 import itertools
 import re
 
-from meowdread.data import read_conversations, read_prompts
+from meowdread.formats import read_corpus, read_prompts
 
 from .conftest import CORPUS, PROMPTS
 
@@ -29,7 +29,7 @@ def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
 
 
 def test_corpus_size_and_shape():
-    conversations = read_conversations(CORPUS)
+    conversations = read_corpus(CORPUS)
     assert len(conversations) >= 300
     multi_turn = sum(sum(m["role"] == "assistant" for m in c) > 1 for c in conversations)
     assert multi_turn >= 0.10 * len(conversations)
@@ -37,7 +37,7 @@ def test_corpus_size_and_shape():
 
 
 def test_no_two_assistant_replies_are_near_duplicates():
-    replies = [m["content"] for c in read_conversations(CORPUS) for m in c if m["role"] == "assistant"]
+    replies = [m["content"] for c in read_corpus(CORPUS) for m in c if m["role"] == "assistant"]
     runs = [shingles(r) for r in replies]
     bags = [set(words(r)) for r in replies]
     for i, j in itertools.combinations(range(len(replies)), 2):
@@ -51,6 +51,6 @@ def test_prompts_include_sprint1s_and_are_held_out_of_the_corpus():
     prompts = read_prompts(PROMPTS)
     assert prompts[:8] == SPRINT1_PROMPTS
     assert len(prompts) >= 8 + 16 and len(set(prompts)) == len(prompts)
-    user_turns = {" ".join(words(m["content"])) for c in read_conversations(CORPUS) for m in c if m["role"] == "user"}
+    user_turns = {" ".join(words(m["content"])) for c in read_corpus(CORPUS) for m in c if m["role"] == "user"}
     for prompt in prompts:
         assert " ".join(words(prompt)) not in user_turns, prompt

@@ -12,7 +12,6 @@ from meowdread.data import (
     ResumableDataLoader,
     collate,
     format_trained_tokens,
-    read_conversations,
 )
 
 from .conftest import write_jsonl
@@ -147,11 +146,6 @@ def test_length_grouped_sampler_gives_each_ddp_rank_its_share_of_the_same_batche
     # fewer examples than ranks: every rank still gets one, or DDP would wait forever for the empty one
     tiny = [LengthGroupedSampler([5], batch_size=1, num_replicas=3, rank=r) for r in range(3)]
     assert [list(sampler) for sampler in tiny] == [[0], [0], [0]]
-
-
-def test_read_conversations_accepts_system_and_multi_turn(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"messages": CONVERSATION}), ""])
-    assert read_conversations(path) == [CONVERSATION]
 
 
 def test_overlong_examples_are_dropped_or_truncated_with_a_count(tmp_path, caplog, embedded_cache):

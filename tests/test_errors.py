@@ -4,8 +4,10 @@ Each case is a row of the README's troubleshooting table, and the test holds the
 row's (``…`` stands for any text), so the table stays true.
 """
 
+import gzip
 import inspect
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -112,6 +114,86 @@ def _(tmp_path):
     return cli("predict", tmp_path, "--data.prompts", str(tmp_path / "prompts.txt"))
 
 
+# Corpus formats (meowdread/formats.py), and files that are not what their name says.
+SHAREGPT = json.dumps({"conversations": [{"from": "human", "value": "Why sit?"}, {"from": "gpt", "value": "I fits."}]})
+line_case("a line that is not a JSON object", '["hai"]')
+
+
+def corpus_case(row: str, name: str, content: str | bytes, *extra: str) -> None:
+    def build(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return cli("fit", tmp_path, "--data.corpus", str(path), *extra)
+
+    case(row)(build)
+
+
+corpus_case("an unknown ShareGPT speaker", "corpus.jsonl", f"{SHAREGPT}\n{SHAREGPT.replace('gpt', 'bing')}\n")
+corpus_case("a record in no known format", "corpus.jsonl", '{"text": "hai"}\n')
+corpus_case("records nested under one key", "corpus.jsonl", json.dumps({"data": [json.loads(GOOD)]}))
+corpus_case("a `data.format` that the file is not in", "corpus.jsonl", GOOD, "--data.format", "sharegpt")
+corpus_case("a bad record in a JSON array", "corpus.json", json.dumps([json.loads(GOOD), {"messages": []}], indent=1))
+corpus_case("one JSON object over several lines", "corpus.jsonl", json.dumps(json.loads(GOOD), indent=2))
+corpus_case("a CSV without known columns", "corpus.csv", "q,a\nWhy sit?,I fits.\n")
+corpus_case("a CSV row with too few fields", "corpus.csv", "prompt,completion\nWhy sit?,I fits.\nWhy?\n")
+corpus_case("a CSV cell that is not JSON", "corpus.csv", 'messages\n"[{not json"\n')
+corpus_case("a Parquet file that is not one", "corpus.parquet", GOOD)
+corpus_case("a compressed corpus", "corpus.jsonl", gzip.compress(GOOD.encode()))
+corpus_case("a Parquet file named `.jsonl`", "corpus.jsonl", b"PAR1" + bytes(8) + b"PAR1")
+corpus_case("a binary file named `.jsonl`", "corpus.jsonl", b"\x80\x04\x95\x00\x00")
+corpus_case("a UTF-16 corpus", "corpus.jsonl", GOOD.encode("utf-16"))
+corpus_case("a Git LFS pointer instead of the corpus", "corpus.jsonl", "version https://git-lfs.github.com/spec/v1\n")
+corpus_case("a web page saved instead of the corpus", "corpus.jsonl", "<!DOCTYPE html>\n<html></html>\n")
+
+
+@case("a bad row in a Parquet file")
+def _(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "Why sit?", "completion": "I fits."}, {"prompt": "Why?", "completion": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
+    return cli("fit", tmp_path, "--data.corpus", str(tmp_path / "corpus.parquet"))
+
+
+@case("a corpus directory that is not a `save_to_disk` folder")
+def _(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    return cli("fit", tmp_path, "--data.corpus", str(tmp_path / "corpus"))
+
+
+@case("a `save_to_disk` folder without a train split")
+def _(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    dataset = Dataset.from_list([json.loads(GOOD)])
+    DatasetDict({"sft": dataset, "dpo": dataset}).save_to_disk(tmp_path / "corpus")
+    return cli("fit", tmp_path, "--data.corpus", str(tmp_path / "corpus"))
+
+
+@case("a corpus that is a named pipe or a device")
+def _(tmp_path):
+    os.mkfifo(tmp_path / "corpus.jsonl")
+    return cli("fit", tmp_path, "--data.corpus", str(tmp_path / "corpus.jsonl"))
+
+
+@case("a hub dataset id that is not downloaded, offline")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--data.corpus", "meowdread-tests/not-a-dataset")
+
+
+@case("a prompts path that is a directory")
+def _(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    return cli("predict", tmp_path, "--data.prompts", str(tmp_path / "prompts"))
+
+
+@case("invalid UTF-8 in the prompts file")
+def _(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(b"Why sit?\nWhy caf\xe9?\n")
+    return cli("predict", tmp_path, "--data.prompts", str(tmp_path / "prompts.txt"))
+
+
 @case("unknown key in a config file")
 def _(tmp_path):
     (tmp_path / "mine.yaml").write_text("model:\n  lora:\n    rank: 8\n", encoding="utf-8")
@@ -143,6 +225,21 @@ def _(tmp_path):
 @case("a LoRA target that matches nothing")
 def _(tmp_path):
     return cli("fit", tmp_path, "--model.lora.target_modules", "[q_proj, v_proj]")
+
+
+@case("a LoRA option that peft does not have")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.extra", '{"use_dorra": true}')
+
+
+@case("an unknown `init_lora_weights`")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.init_lora_weights", "pisa")
+
+
+@case("LoRA options that peft refuses together")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.lora.use_dora", "true", "--model.lora.lora_bias", "true")
 
 
 @case("a model path that does not exist")
@@ -337,4 +434,7 @@ def test_the_debug_variable_gives_the_traceback(tmp_path, monkeypatch):
 def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"])
+    assert exit_.value.code == 0 and "--model.help" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # the options of the module and data classes (subclass mode)
+        main(["fit", "--data.help"])
     assert exit_.value.code == 0 and "--data.corpus" in capsys.readouterr().out

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from meowdread.chat_format import ChatFormat
-from meowdread.data import collate, read_conversations
+from meowdread.data import collate
 from meowdread.export import check_output, export
+from meowdread.formats import read_corpus
 from meowdread.model import LoraSettings, QLoraModule, QuantizationSettings
 
 from .conftest import CORPUS
@@ -32,7 +33,7 @@ def lora_module(compute_dtype: str) -> QLoraModule:
 
 def corpus_batch(tokenizer):
     """Four real conversations of the corpus, right-padded."""
-    examples = [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:4]]
+    examples = [ChatFormat.of(tokenizer).encode(c) for c in read_corpus(CORPUS)[:4]]
     return collate(examples, pad_id=tokenizer.pad_token_id)
 
 
@@ -80,7 +81,7 @@ def test_the_exported_model_gives_the_adapter_on_the_4bit_base_logits(compute_dt
         assert relative_error(logits, reference, mask) < tolerance, dtype
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
-    conversation = read_conversations(CORPUS)[0]
+    conversation = read_corpus(CORPUS)[0]
     assert tokenizer.apply_chat_template(conversation, tokenize=False) == module.tokenizer.apply_chat_template(
         conversation, tokenize=False
     )

@@ -127,8 +127,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_run, 
     seen = {}
     compute_loss = QLoraModule.compute_loss
 
-    def diverging(self, logits, batch):
-        loss_sum, n_tokens = compute_loss(self, logits, batch)
+    def diverging(self, logits, batch, stage):
+        loss_sum, n_tokens = compute_loss(self, logits, batch, stage)
         if self.trainer.global_step < 2 * SAVE_EVERY - 1:
             return loss_sum, n_tokens
         seen.setdefault("checkpoint", hashlib.sha256(last.read_bytes()).hexdigest())

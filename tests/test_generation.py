@@ -12,12 +12,12 @@ GREEDY = SamplingSettings(max_new_tokens=12, do_sample=False)
 PROMPTS = ["Why?", "Is the box my friend, or my prison, or merely the shape of my longing?", "Meow."]
 
 
-def fp32_module() -> QLoraModule:
+def fp32_module(lora: LoraSettings | None = None) -> QLoraModule:
     # fp32 compute so that padding cannot change a result through rounding.
     module = QLoraModule(
         pretrained="embedded:tiny-phi3",
         quantization=QuantizationSettings(compute_dtype="float32"),
-        lora=LoraSettings(dropout=0.0),
+        lora=lora or LoraSettings(dropout=0.0),
         gradient_checkpointing=False,
     )
     module.configure_model()
@@ -72,6 +72,8 @@ def trained_looking(module: QLoraModule) -> QLoraModule:
     for name, p in module.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
+        elif any(k in name for k in ("lora_magnitude_vector", "modules_to_save", "trainable_tokens")):
+            p.data.mul_(1 + 0.2 * torch.randn_like(p))
     return module
 
 
@@ -150,3 +152,42 @@ def test_the_static_engine_refuses_a_model_it_cannot_decode(tokenizer):
     with pytest.raises(ValueError, match="model.sampling.engine: 'static' decodes Phi-3 models only"):
         generate(module.model, tokenizer, PROMPTS[:1], STATIC)
     assert generate(module.model, tokenizer, PROMPTS[:1], SamplingSettings(max_new_tokens=4, engine="auto"))
+
+
+# Every adapter type: the static engine reproduces it (its logits are the model's), or refuses it, and then
+# generate() samples with HF generate. Either way the greedy tokens are HF generate's.
+ADAPTERS = {
+    "lora": (LoraSettings(dropout=0.0), True),
+    "rslora": (LoraSettings(dropout=0.0, use_rslora=True, r=4), True),
+    "rank and alpha patterns": (
+        LoraSettings(dropout=0.0, rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 8}),
+        True,
+    ),
+    "modules_to_save lm_head": (LoraSettings(dropout=0.0, modules_to_save=["lm_head"]), True),
+    "trainable tokens": (LoraSettings(dropout=0.0, trainable_token_indices={"embed_tokens": [5, 6, 7]}), True),
+    "dora": (LoraSettings(dropout=0.0, use_dora=True), False),
+    "lora_bias": (LoraSettings(dropout=0.0, lora_bias=True), False),
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_each_adapter_type_samples_hf_generates_greedy_tokens(tokenizer, kind, caplog):
+    lora, exact = ADAPTERS[kind]
+    module = trained_looking(fp32_module(lora))
+    assert fast_generation.supports(module.model) == exact, fast_generation.unsupported(module.model)
+    enc = tokenizer(
+        [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+         for p in PROMPTS],
+        add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt",
+    )  # fmt: skip
+    model = module.model.eval()
+    with torch.inference_mode():
+        reference = model(**enc).logits[:, -1]
+        engine = fast_generation.MergedPhi3(model, len(PROMPTS), enc["input_ids"].shape[1] + 1)
+        merged, _, _ = fast_generation.prefill(engine, enc["input_ids"], enc["attention_mask"])
+    error = float((merged - reference).norm() / reference.norm())
+    # fp32 throughout: what the engine reproduces, it reproduces to rounding; what it refuses, it gets wrong.
+    assert error < 1e-4 if exact else error > 1e-3, error
+    with caplog.at_level("INFO", logger="meowdread.generation"):
+        assert generate(module.model, tokenizer, PROMPTS, STATIC) == generate(module.model, tokenizer, PROMPTS, HF)
+    assert ("sampling with HF generate" in caplog.text) != exact

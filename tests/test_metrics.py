@@ -205,8 +205,9 @@ def trained_base(tmp_path_factory, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from meowdread.chat_format import ChatFormat
-    from meowdread.data import collate, read_conversations
+    from meowdread.data import collate
     from meowdread.embedded import resolve_pretrained
+    from meowdread.formats import read_corpus
 
     from .conftest import CORPUS
 
@@ -214,7 +215,7 @@ def trained_base(tmp_path_factory, tokenizer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-layer model: more threads only wait on each other (on 2 busy cores, 5x slower)
     model = AutoModelForCausalLM.from_pretrained(resolve_pretrained("embedded:tiny-phi3"), dtype=torch.float32)
-    examples = [ChatFormat.of(tokenizer).encode(c) for c in read_conversations(CORPUS)[:64]]
+    examples = [ChatFormat.of(tokenizer).encode(c) for c in read_corpus(CORPUS)[:64]]
     examples = [{k: v[:96] for k, v in e.items()} for e in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     try:

@@ -72,8 +72,8 @@ def test_the_step_drops_the_padding_mask_without_changing_a_trained_logit(tokeni
     with torch.inference_mode():
         masked = module(batch["input_ids"], batch["attention_mask"])
         unmasked = module(batch["input_ids"], None)
-        loss, _ = module._step(batch)
-        expected, _ = module.compute_loss(masked, batch)
+        loss, _ = module.model_step(batch, "train")
+        expected, _ = module.compute_loss(masked, batch, "train")
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(unmasked[real], masked[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
@@ -89,14 +89,14 @@ def test_gradients_do_not_change_after_an_eval_pass(tokenizer):
     def grads():
         module.zero_grad()
         module.train()
-        loss, _ = module._step(batch)
+        loss, _ = module.model_step(batch, "train")
         loss.backward()
         return {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
 
     before = grads()
     module.eval()
     with torch.inference_mode():
-        module._step(batch)
+        module.model_step(batch, "train")
     after = grads()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
@@ -118,11 +118,11 @@ def test_loss_is_normalised_by_trained_tokens_across_accumulated_micro_batches(t
         return {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
 
     def token_mean():  # what one big batch of both would give
-        (s1, n1), (s2, n2) = module._step(short), module._step(long)
+        (s1, n1), (s2, n2) = module.model_step(short, "train"), module.model_step(long, "train")
         return (s1 + s2) / (n1 + n2)
 
     def mean_of_means():  # what averaging per-micro-batch means gives (the bug of PITFALLS 8)
-        (s1, n1), (s2, n2) = module._step(short), module._step(long)
+        (s1, n1), (s2, n2) = module.model_step(short, "train"), module.model_step(long, "train")
         return (s1 / n1 + s2 / n2) / 2
 
     expected, naive = gradient(token_mean), gradient(mean_of_means)
@@ -274,7 +274,7 @@ def test_the_compiled_step_gives_the_plain_steps_loss_and_gradients(tokenizer):
                 p.data.normal_(0, 0.05)
         module.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, tokens = module._step(batch)
+            loss, tokens = module.model_step(batch, "train")
         (loss / tokens).backward()
         return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}
 
