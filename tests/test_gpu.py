@@ -81,7 +81,7 @@ def _loss_and_lora_grads(tokenizer, **settings):
     batch = {k: v.cuda() for k, v in collate(examples, pad_id=tokenizer.pad_token_id).items()}
     module.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, tokens = module._step(batch)
+        loss, tokens = module.model_step(batch, "train")
     (loss / tokens).backward()
     return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}
 

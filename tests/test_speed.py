@@ -25,15 +25,15 @@ def test_only_training_calls_run_the_compiled_layers(tokenizer):
     compile_training_layers(layers, backend=backend)
     batch = batch_of(tokenizer, "I fits, therefore I sits.")
     with torch.no_grad():
-        module._step(batch)
+        module.model_step(batch, "val")
     assert graphs == []
     module.train()
-    loss, tokens = module._step(batch)
+    loss, tokens = module.model_step(batch, "train")
     (loss / tokens).backward()
     assert graphs  # the training call went through the compiler
     compiled = len(graphs)
     compile_training_layers(layers, backend=backend)  # a second call wraps nothing twice
-    module._step(batch)
+    module.model_step(batch, "train")
     assert len(graphs) == compiled
 
 
@@ -52,7 +52,7 @@ def test_checkpointing_some_layers_keeps_the_loss_and_gradients(tokenizer):
         if count is not None:
             checkpoint_first_layers(layers, count)
         module.train()
-        loss, tokens = module._step(batch)
+        loss, tokens = module.model_step(batch, "train")
         (loss / tokens).backward()
         flags = [layer.gradient_checkpointing for layer in layers]
         return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}, flags
