@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from meowdread.data import CatCorpusDataModule
 from meowdread.formats import CorpusError, read_corpus, read_prompts
 from meowdread.metrics import Lexicon
 
@@ -334,8 +335,6 @@ def test_the_example_prompt_completion_corpus_is_held_out_of_the_prompts():
 
 
 def test_the_data_modules_read_and_split_are_the_points_to_override(tmp_path, embedded_cache):
-    from meowdread.data import CatCorpusDataModule
-
     class FixedValidation(CatCorpusDataModule):
         def read(self):
             return [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(9)]
@@ -350,6 +349,31 @@ def test_the_data_modules_read_and_split_are_the_points_to_override(tmp_path, em
     assert dm.train_replies == [f"a{i}" for i in range(1, 9)]
     stock = CatCorpusDataModule(corpus=str(write_records(tmp_path / "c.jsonl", RECORDS["messages"] * 5)))
     assert sum(map(len, stock.split().values())) == 10 and stock.split() == stock.split()  # fixed by the seed
+
+
+class QuestionsAndAnswers(CatCorpusDataModule):
+    """Reads a format meowdread does not (``Q: …`` / ``A: …`` lines) and holds out the first pair."""
+
+    def read(self):
+        text = Path(self.hparams.corpus).read_text(encoding="utf-8")
+        pairs = [block.split("\nA: ") for block in text.removeprefix("Q: ").split("\nQ: ")]
+        return [[{"role": "user", "content": q}, {"role": "assistant", "content": a.strip()}] for q, a in pairs]
+
+    def split(self):
+        conversations = self.read()
+        return {"train": conversations[1:], "val": conversations[:1]}
+
+
+def test_a_subclass_that_reads_and_splits_its_own_way_runs_through_the_cli(tmp_path, monkeypatch, capsys):
+    from meowdread.cli import main
+
+    monkeypatch.setattr("sys.argv", ["meowdread"])
+    corpus = tmp_path / "qa.txt"
+    corpus.write_text("Q: Held out?\nA: Valhalla.\nQ: Why sit?\nA: I fits.\nQ: Why here?\nA: Warm.\n", encoding="utf-8")
+    data = ["--data", "tests.test_formats.QuestionsAndAnswers", "--data.corpus", str(corpus)]
+    main(tiny_args("fit", tmp_path / "runs", "--trainer.fast_dev_run", "true", *data, "--data.show_examples", "9"))
+    shown = capsys.readouterr().out
+    assert "⟦I fits." in shown and "⟦Warm." in shown and "Valhalla" not in shown  # trained: its read, its split
 
 
 def test_a_bom_crlf_corpus_prompts_file_and_lexicon_train_through_the_cli(tmp_path, monkeypatch):
