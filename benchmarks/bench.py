@@ -5,11 +5,13 @@ is ``embedded:phi3-mini-random`` (Phi-3-mini-4k's shapes, 3.8B parameters), so s
 answers are noise.
 
     python benchmarks/bench.py                          # every case, about 10 minutes on an H100
-    python benchmarks/bench.py --cases meowdread:fast sampling
+    python benchmarks/bench.py --cases meowdread:phi3_qlora meowdread:phi3_qlora-compile sampling-static
 
 Training rows run meowdread's own ``QLoraModule`` and ``CatCorpusDataModule`` under a Lightning ``Trainer``
-(``SpeedMonitor`` times training batches after 5 warm-up steps), and TRL's ``SFTTrainer`` on the same
-tokenized examples with the same assistant-only labels. A *trained token* has a label (no padding, no prompt).
+(``SpeedMonitor`` times training batches after 10 warm-up steps; what those took beyond 10 steady steps is
+the row's first-steps overhead: compilation, mostly), and TRL's ``SFTTrainer`` (also with Liger's kernels) on
+the same tokenized examples with the same assistant-only labels. ``dump-examples`` writes those examples for
+``unsloth_row.py``, which runs Unsloth in a process of its own. A *trained token* has a label (no padding, no prompt).
 The limit is the measured bf16 matmul rate over 4 x parameters FLOPs per trained token (forward 2N,
 input-gradient backward 2N): what QLoRA could reach if every FLOP ran at matmul speed.
 
@@ -41,6 +43,7 @@ MODEL = "embedded:phi3-mini-random"
 CORPUS = REPO / "data" / "cat_corpus.jsonl"
 PROMPTS = REPO / "data" / "prompts.txt"
 ROWS: list[dict] = []
+WARMUP_STEPS = 10
 
 
 def record(out: Path, **row) -> dict:
@@ -103,21 +106,22 @@ def long_corpus(path: Path, target_words: int = 1400, n: int = 48) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- meowdread
+# configs/phi3_qlora.yaml as shipped; each variant changes one or two settings.
+BASE = dict(batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=False)
 VARIANTS = {
-    # Sprint 1's recipe as configs/phi3_qlora.yaml had it before this benchmark: paged AdamW, batch 8.
-    "sprint1": dict(batch_size=8, gradient_checkpointing=True, optimizer="paged", dropout=0.05),
-    # configs/phi3_qlora.yaml with --model.compile true; "-no-compile" is the config as shipped.
-    "phi3_qlora": dict(batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=True),
-    "phi3_qlora-no-compile": dict(batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05),
-    "phi3_qlora-b8": dict(batch_size=8, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=True),
-    # configs/low_memory.yaml with --model.compile true
-    "low_memory": dict(batch_size=16, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=True),
+    "phi3_qlora": dict(BASE),
+    "phi3_qlora-liger": dict(BASE, kernels="liger"),
+    "phi3_qlora-compile": dict(BASE, compile=True),
+    "phi3_qlora-compile-ckpt29": dict(BASE, compile=True, gradient_checkpointing=29),
+    "phi3_qlora-compile-no-ckpt": dict(BASE, compile=True, gradient_checkpointing=False),
+    # configs/low_memory.yaml
+    "low_memory": dict(BASE, batch_size=16),
+    "low_memory-compile": dict(BASE, batch_size=16, compile=True),
     # 2,048-token examples
-    "long-b4": dict(
-        batch_size=4, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, long=True, compile=True
-    ),
-    "long-b4-no-compile": dict(batch_size=4, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, long=True),
+    "long-b4": dict(BASE, batch_size=4, long=True),
+    "long-b4-compile-ckpt29": dict(BASE, batch_size=4, long=True, compile=True, gradient_checkpointing=29),
 }
+DEFAULT_VARIANTS = ["phi3_qlora", "phi3_qlora-liger", "phi3_qlora-compile", "phi3_qlora-compile-ckpt29", "low_memory"]
 
 
 def optimizer_factory(name: str):
@@ -125,6 +129,7 @@ def optimizer_factory(name: str):
         import bitsandbytes as bnb
 
         return functools.partial(bnb.optim.PagedAdamW32bit, lr=2e-4, weight_decay=0.0)
+    # (A fused AdamW would be one kernel less a step, but Lightning refuses to clip its gradients.)
     return functools.partial(torch.optim.AdamW, lr=2e-4, weight_decay=0.0)
 
 
@@ -140,6 +145,32 @@ def data_module(batch_size: int, long: bool, workdir: Path) -> CatCorpusDataModu
     )
 
 
+class StepClock:
+    """A Lightning callback (duck-typed): wall time from ``fit`` start to the end of each of the first steps.
+
+    The first steps pay for compilation, cuBLAS handles and the allocator's growth; subtracting the steady
+    step time gives what a run pays once.
+    """
+
+    def __new__(cls, first: int):
+        import lightning.pytorch as pl
+
+        class _Clock(pl.Callback):
+            def __init__(self):
+                self.start, self.ends = None, []
+
+            def on_train_start(self, trainer, pl_module):
+                sync()
+                self.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if len(self.ends) < first:
+                    sync()
+                    self.ends.append(time.perf_counter() - self.start)
+
+        return _Clock()
+
+
 def run_meowdread(out: Path, workdir: Path, name: str, steps: int, profile: bool = False) -> dict:
     import lightning.pytorch as pl
 
@@ -148,18 +179,26 @@ def run_meowdread(out: Path, workdir: Path, name: str, steps: int, profile: bool
 
     v = VARIANTS[name]
     free()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    load_start = time.perf_counter()
     module = QLoraModule(
         pretrained=MODEL,
         lora=LoraSettings(r=16, alpha=32, dropout=v["dropout"]),
         gradient_checkpointing=v["gradient_checkpointing"],
         compile=v.get("compile", False),
+        kernels=v.get("kernels", "torch"),
         optimizer=optimizer_factory(v["optimizer"]),
     )
+    module.configure_model(device=DEVICE)
+    load_s = time.perf_counter() - load_start
     data = data_module(v["batch_size"], v.get("long", False), workdir)
-    monitor = SpeedMonitor(warmup_steps=10)  # compiled variants compile for the first shapes they meet
-    callbacks = [monitor]
+    warm = WARMUP_STEPS  # compiled variants compile for the first shapes they meet
+    monitor, clock = SpeedMonitor(warmup_steps=warm), StepClock(first=warm)
+    callbacks = [monitor, clock]
     if profile:
-        callbacks.append(ProfileSteps(out / f"profile-{name}.txt", first=8, count=3))
+        # inside the warm-up, after the first compile: the timed steps stay unprofiled
+        callbacks.append(ProfileSteps(out / f"profile-{name}.txt", first=warm - 4, count=3))
     trainer = pl.Trainer(
         accelerator=DEVICE,
         devices=1,
@@ -175,10 +214,13 @@ def run_meowdread(out: Path, workdir: Path, name: str, steps: int, profile: bool
         callbacks=callbacks,
         default_root_dir=str(workdir),
     )
-    torch._dynamo.reset()
     trainer.fit(module, datamodule=data)
     metrics = monitor.metrics(trainer)
+    step_s = monitor.seconds / max(1, steps - warm)
+    first = clock.ends[-1] if clock.ends and not profile else None
     graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    if v.get("compile"):
+        print(torch._dynamo.utils.compile_times(), flush=True)
     row = record(
         out,
         system="meowdread",
@@ -186,6 +228,11 @@ def run_meowdread(out: Path, workdir: Path, name: str, steps: int, profile: bool
         **{k: v for k, v in VARIANTS[name].items()},
         steps=steps,
         compiled_graphs=graphs,
+        load_s=round(load_s, 1),
+        profiled=profile,
+        first_steps_s=round(first, 1) if first else None,
+        # what the first `warm` steps took beyond `warm` steady steps: compilation and warm-up, paid once
+        first_steps_overhead_s=round(first - warm * step_s, 1) if first else None,
         trained_tokens=monitor.tokens,
         seconds=round(monitor.seconds, 2),
         trained_tokens_per_s=round(metrics["perf/trained_tokens_per_s"], 1),
@@ -208,39 +255,73 @@ class ProfileSteps:
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if trainer.global_step == first and self.prof is None:
+                    torch.cuda.synchronize()
+                    self.start = time.perf_counter()
                     self.prof = torch.profiler.profile(
                         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                     )
                     self.prof.__enter__()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if self.prof is not None and trainer.global_step == first + count:
+                if self.prof and trainer.global_step == first + count:
                     torch.cuda.synchronize()
+                    wall_ms = (time.perf_counter() - self.start) * 1e3
                     self.prof.__exit__(None, None, None)
-                    table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-                    table2 = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-                    path.write_text(table + "\n\n" + table2)
-                    print(table[:6000])
-                    print(table2[:4000])
+                    averages = self.prof.key_averages()
+                    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+                    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+                    head = (
+                        f"{count} steps: {wall_ms:.0f} ms wall (profiler on), GPU busy {busy_ms:.0f} ms "
+                        f"({100 * busy_ms / wall_ms:.0f}%)\n"
+                    )
+                    table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
+                    table2 = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+                    path.write_text(head + table + "\n\n" + table2)
+                    print(head + table[:6000])
+                    print(table2[:3000])
                     self.prof = False
 
         return _Profile()
 
 
 # ----------------------------------------------------------------------------------------------- TRL
-def run_trl(out: Path, workdir: Path, label: str, batch_size: int, steps: int, padding_free: bool, long: bool = False):
-    from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    free()
+def tokenized_examples(batch_size: int, long: bool, workdir: Path):
+    """meowdread's tokenized training examples, with the assistant-only labels as TRL's ``assistant_masks``."""
     data = data_module(batch_size, long, workdir)
     data.setup("fit")
     examples = [
         {"input_ids": e["input_ids"], "assistant_masks": [int(label != -100) for label in e["labels"]]}
         for e in data.train_set
     ]
+    return data, examples
+
+
+def dump_examples(workdir: Path) -> Path:
+    """The examples and model path for ``unsloth_row.py``, which runs in a process of its own."""
+    _, examples = tokenized_examples(32, False, workdir)
+    path = workdir / "examples.json"
+    path.write_text(json.dumps({"model": str(resolve_pretrained(MODEL)), "examples": examples}))
+    return path
+
+
+def run_trl(
+    out: Path,
+    workdir: Path,
+    label: str,
+    batch_size: int,
+    steps: int,
+    padding_free: bool,
+    long: bool = False,
+    optim: str = "paged_adamw_32bit",
+    liger: bool = False,
+):
+    from datasets import Dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    free()
+    data, examples = tokenized_examples(batch_size, long, workdir)
     trained_per_example = sum(sum(e["assistant_masks"][1:]) for e in examples) / len(examples)
     path = resolve_pretrained(MODEL)
     quant = BitsAndBytesConfig(
@@ -266,7 +347,8 @@ def run_trl(out: Path, workdir: Path, label: str, batch_size: int, steps: int, p
         output_dir=str(workdir / "trl"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
-        optim="paged_adamw_32bit",
+        optim=optim,
+        use_liger_kernel=liger,
         learning_rate=2e-4,
         bf16=True,
         max_grad_norm=0.3,
@@ -310,7 +392,8 @@ def run_trl(out: Path, workdir: Path, label: str, batch_size: int, steps: int, p
         batch_size=batch_size,
         padding_free=padding_free,
         gradient_checkpointing=True,
-        optimizer="paged",
+        optimizer=optim,
+        liger=liger,
         dropout=0.05,
         long=long,
         steps=steps,
@@ -324,7 +407,7 @@ def run_trl(out: Path, workdir: Path, label: str, batch_size: int, steps: int, p
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-def run_sampling(out: Path) -> None:
+def run_sampling(out: Path, hf: bool = True) -> None:
     """8 prompts x 250 new tokens and one stream x 250, static engine against HF generate, same model."""
     from meowdread import fast_generation
     from meowdread.data import read_prompts
@@ -387,6 +470,8 @@ def run_sampling(out: Path) -> None:
             decode_tokens_per_s_per_stream=round(new / (static_s - build_s), 1),
             peak_mem_gb=peak_gb(),
         )
+        if not hf:
+            continue
         with torch.inference_mode():
             hf_s, _ = timed(
                 lambda enc=enc: model.generate(
@@ -411,6 +496,8 @@ def run_sampling(out: Path) -> None:
         )
     module = model = None
     free()
+    if not hf:
+        return
     # Same function on the real shapes: the engine's prompt logits against the 4-bit + LoRA model's, in the
     # recipe's bf16 compute and in fp32 compute (where what is left is the engine's own error, not rounding).
     enc = encode(prompts)
@@ -445,31 +532,51 @@ def adapted(model):
 def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, day: str | None = None) -> None:
     limit = tflops * 1e12 / (4 * params)
     ref = next((r for r in ROWS if r.get("case") == "trl-reference"), None)
-    tuned = max(
-        (r for r in ROWS if r.get("system") == "trl" and r["case"] != "trl-reference" and not r.get("long")),
-        key=lambda r: r["trained_tokens_per_s"],
-        default=None,
-    )
+
+    def best(system):
+        rows = [r for r in ROWS if r.get("system") == system and "trained_tokens_per_s" in r and not r.get("long")]
+        rows = [r for r in rows if r["case"] != "trl-reference" and not r.get("liger")]
+        return max(rows, key=lambda r: r["trained_tokens_per_s"], default=None)
+
+    tuned, unsloth = best("trl"), best("unsloth")
     lines = [
         f"# Benchmark: {gpu or (torch.cuda.get_device_name() if CUDA else 'CPU smoke run')}, {day or date.today()}",
         "",
         f"bf16 matmul {tflops:.0f} TFLOP/s; {params / 1e9:.2f}B parameters; limit {limit:,.0f} trained tok/s.",
         "",
-        "| system | case | batch | grad ckpt | compile | trained tok/s | % of limit | × reference | × tuned TRL "
-        "| peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | case | batch | grad ckpt | compile | kernels | trained tok/s | % of limit | × reference "
+        "| × tuned TRL | × Unsloth | peak GB | first steps' overhead s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(tps, row, long, digits):
+        return f"{tps / row['trained_tokens_per_s']:.{digits}f}" if row and not long else ""
+
     for r in ROWS:
         if "trained_tokens_per_s" not in r:
             continue
-        tps = r["trained_tokens_per_s"]
-        x_ref = f"{tps / ref['trained_tokens_per_s']:.1f}" if ref and not r.get("long") else ""
-        x_tuned = f"{tps / tuned['trained_tokens_per_s']:.2f}" if tuned and not r.get("long") else ""
+        tps, long = r["trained_tokens_per_s"], r.get("long")
+        kernels = "liger" if r.get("liger") else r.get("kernels", "")
+        overhead = r.get("first_steps_overhead_s")
         lines.append(
             f"| {r['system']} | {r['case']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
-            f"{r.get('compile', False)} | {tps:,.0f} | "
-            f"{100 * tps / limit:.1f} | {x_ref} | {x_tuned} | {r['peak_mem_gb']:.2f} |"
+            f"{r.get('compile', False)} | {kernels} | {tps:,.0f} | {100 * tps / limit:.1f} | "
+            f"{ratio(tps, ref, long, 1)} | {ratio(tps, tuned, long, 2)} | {ratio(tps, unsloth, long, 2)} | "
+            f"{r['peak_mem_gb']:.2f} | {'' if overhead is None else overhead} |"
         )
+    fits = [r for r in ROWS if r.get("system") == "fit"]
+    if fits:
+        lines += [
+            "",
+            "| whole `fit`, 3 epochs with samples | wall s | start, imports, load + quantize s | training s "
+            "| validation + samples s | other s | trained tok/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in fits:
+            lines.append(
+                f"| {r['case']} | {r['wall_s']:.1f} | {r['start_load_s']:.1f} | {r['training_s']:.1f} | "
+                f"{r['validation_samples_s']:.1f} | {r['other_s']:.1f} | {r.get('trained_tokens_per_s') or ''} |"
+            )
     lines += [
         "",
         "| sampling, 250 new tokens | seconds | tokens/s, all streams | of which merging weights "
@@ -493,12 +600,13 @@ def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, d
 
 
 def main() -> None:
-    global MODEL
+    global MODEL, WARMUP_STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "latest")
     parser.add_argument("--cases", nargs="*", default=["all"])
     parser.add_argument("--steps", type=int, default=35)
-    parser.add_argument("--profile", nargs="*", default=[])
+    parser.add_argument("--profile", nargs="*", default=[], help="meowdread variants to profile, in runs of their own")
+    parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--render", type=Path, help="only write bench.md (into --out) from this bench.jsonl")
     parser.add_argument(
         "--model",
@@ -507,6 +615,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     MODEL = args.model
+    WARMUP_STEPS = args.warmup_steps
     if args.render:
         ROWS.extend(json.loads(line) for line in args.render.read_text().splitlines() if line.strip())
         env = next(r for r in ROWS if r["system"] == "env" and "matmul_tflops" in r)
@@ -556,40 +665,26 @@ def main() -> None:
             record(args.out, system="error", case=label, error=repr(err)[:500])
             free()
 
-    if everything or "sampling" in cases:
-        attempt("sampling", run_sampling, args.out)
+    if everything or "dump-examples" in cases:
+        attempt("dump-examples", dump_examples, workdir)
+    if everything or "sampling" in cases or "sampling-static" in cases:
+        attempt("sampling", run_sampling, args.out, hf=everything or "sampling" in cases)
     for name in VARIANTS:
-        if everything or f"meowdread:{name}" in cases:
-            attempt(name, run_meowdread, args.out, workdir, name, args.steps, profile=name in args.profile)
-    if everything or "trl" in cases:
-        attempt(
-            "trl-reference", run_trl, args.out, workdir, "trl-reference", batch_size=2, steps=40, padding_free=False
-        )
-        attempt(
-            "trl-tuned-b16", run_trl, args.out, workdir, "trl-tuned-b16", batch_size=16, steps=25, padding_free=False
-        )
-        attempt(
-            "trl-tuned-b16-padding-free",
-            run_trl,
-            args.out,
-            workdir,
-            "trl-tuned-b16-padding-free",
-            batch_size=16,
-            steps=25,
-            padding_free=True,
-        )
-    if everything or "trl-long" in cases:
-        attempt(
-            "trl-tuned-long-b4",
-            run_trl,
-            args.out,
-            workdir,
-            "trl-tuned-long-b4",
-            batch_size=4,
-            steps=15,
-            padding_free=False,
-            long=True,
-        )
+        if f"meowdread:{name}" in cases or (everything and name in DEFAULT_VARIANTS):
+            attempt(name, run_meowdread, args.out, workdir, name, args.steps)
+    for name in args.profile:  # a run of its own: the profiler slows the steps it watches
+        attempt(name, run_meowdread, args.out, workdir, name, args.warmup_steps + 4, profile=True)
+    trl_rows = {
+        # Sprint 1's reference recipe
+        "trl-reference": dict(batch_size=2, steps=40, padding_free=False),
+        # TRL at its best settings found here: padding-free, batch 32, fused torch AdamW
+        "trl-tuned": dict(batch_size=32, steps=25, padding_free=True, optim="adamw_torch_fused"),
+        "trl-liger": dict(batch_size=32, steps=25, padding_free=True, optim="adamw_torch_fused", liger=True),
+        "trl-tuned-long-b4": dict(batch_size=4, steps=15, padding_free=False, optim="adamw_torch_fused", long=True),
+    }
+    for label, kwargs in trl_rows.items():
+        if label in cases or (everything and label != "trl-tuned-long-b4"):
+            attempt(label, run_trl, args.out, workdir, label, **kwargs)
     write_table(args.out, tflops, params, gpu=torch.cuda.get_device_name() if CUDA else "cpu")
 
 

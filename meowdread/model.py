@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
+from meowdread import speed
 from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatched_targets, linear_names
 from meowdread.checkpoints import (
     load_checkpoint_file,
@@ -43,6 +44,7 @@ from meowdread.data import IGNORE_INDEX, load_tokenizer
 from meowdread.embedded import resolve_pretrained
 from meowdread.generation import SamplingSettings, generate
 from meowdread.model_card import write_card
+from meowdread.speed import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +83,18 @@ class QLoraModule(pl.LightningModule):
         quantization: how the base is loaded.
         lora: the adapter; ignored when ``adapter`` is given.
         adapter: a saved peft adapter directory to start from (and to predict with).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory: ``true`` for every
+            decoder layer, a number N for the first N only (the others keep their activations: less work, more
+            memory), ``false`` for none.
         upcast_frozen_weights: cast the base's unquantized weights (embeddings, norms, lm_head) to fp32,
             as peft's ``prepare_model_for_kbit_training`` does. Costs memory (bnb #1569, trl PR #4457); off by default.
         trust_remote_code: run modelling code from the hub. Phi-3 is native in transformers: keep it off.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
-        compile: ``torch.compile`` each decoder layer (regional compilation: one small graph reused 32 times,
-            compiled in seconds). Fuses the many small kernels of norms, LoRA and bitsandbytes between the
-            matmuls; needs a CUDA GPU and Triton.
+        compile: ``torch.compile`` each decoder layer for training (regional compilation: one graph reused by
+            every layer; validation and sampling stay eager). Fuses the many small kernels of norms, LoRA and
+            bitsandbytes between the matmuls; needs Triton on a GPU (a C++ compiler on the CPU).
+        kernels: ``liger`` swaps Phi-3's RMSNorms and SwiGLU for Liger's fused Triton kernels, for an eager
+            step (``compile: false``; needs ``liger-kernel`` and a CUDA GPU); ``torch`` keeps transformers' own.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.
@@ -102,11 +108,12 @@ class QLoraModule(pl.LightningModule):
         quantization: QuantizationSettings = QuantizationSettings(),
         lora: LoraSettings = LoraSettings(),
         adapter: str | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | int = True,
         upcast_frozen_weights: bool = False,
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
         compile: bool = False,
+        kernels: Kernels = "torch",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Callable[[Optimizer, int], LRScheduler] = WarmupSchedule,
         sampling: SamplingSettings = SamplingSettings(),
@@ -141,6 +148,7 @@ class QLoraModule(pl.LightningModule):
         from transformers import AutoModelForCausalLM
 
         hp = self.hparams
+        speed.check_kernels(hp.get("kernels", "torch"), hp.compile)
         path = resolve_pretrained(hp.pretrained)
         if not Path(path).exists() and path.count("/") != 1:
             raise FileNotFoundError(f"model.pretrained: {path!r} is neither a directory nor a hub id (org/name)")
@@ -162,6 +170,7 @@ class QLoraModule(pl.LightningModule):
             attn_implementation=hp.attn_implementation,
         )
         base.config.use_cache = False  # generation turns it back on per call
+        speed.apply_kernels(base, hp.get("kernels", "torch"))
         self._prepare_base(base)
         if hp.adapter:
             try:
@@ -181,8 +190,7 @@ class QLoraModule(pl.LightningModule):
                 )
             self.model = get_peft_model(base, self.lora.to_peft())
         if hp.compile:
-            for layer in base.model.layers:
-                layer.compile(dynamic=True)
+            speed.compile_training_layers(base.model.layers)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters on %s", trainable, hp.pretrained)
 
@@ -200,20 +208,9 @@ class QLoraModule(pl.LightningModule):
         if self.hparams.upcast_frozen_weights:
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(
-                base,
-                use_gradient_checkpointing=self.hparams.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
-            return
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.requires_grad_(False)
-        if self.hparams.gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input that requires grad (no enable_input_require_grads).
-            # transformers 5.2x renamed the method; older 5.x only has the first name.
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        speed.enable_checkpointing(base, self.hparams.gradient_checkpointing)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

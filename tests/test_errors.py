@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,18 @@ def _(tmp_path):
     args = cli("fit", tmp_path)
     args[args.index("--trainer.logger.init_args.save_dir") + 1] = str(tmp_path / "file" / "runs")
     return args
+
+
+@case("`model.kernels: liger` with `model.compile: true`")
+def _(tmp_path):
+    return cli("fit", tmp_path, "--model.kernels", "liger", "--model.compile", "true")
+
+
+@case("`model.kernels: liger` without liger-kernel installed")
+def _(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails, installed or not
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    return cli("fit", tmp_path, "--model.kernels", "liger")
 
 
 def test_every_readme_row_has_a_case_and_every_case_a_row():

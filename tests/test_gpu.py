@@ -1,7 +1,9 @@
-"""GPU-only: the GPU recipe's own settings (CUDA, paged AdamW, activation checkpointing) through the CLI.
+"""GPU-only: the GPU recipe's own settings (CUDA, activation checkpointing) through the CLI, the CUDA-graph
+decoder, and the speed settings that only run on a GPU (Inductor's Triton kernels, Liger's) against the eager
+step.
 
 Skipped without CUDA. The tiny model stands in for Phi-3-mini, so this checks the code path, not speed
-(for speed, see benchmarks/gpu_fit.sh).
+(for speed, see benchmarks/bench.py).
 """
 
 import json
@@ -58,3 +60,46 @@ def test_the_cuda_graph_decoder_gives_hf_generates_greedy_tokens(tokenizer):
     auto = generate(module.model, tokenizer, prompts, SamplingSettings(max_new_tokens=40, do_sample=False))
     hf = generate(module.model, tokenizer, prompts, SamplingSettings(max_new_tokens=40, do_sample=False, engine="hf"))
     assert auto == hf and any(auto)  # a random tiny model may end an answer at once
+
+
+def _loss_and_lora_grads(tokenizer, **settings):
+    """One bf16-mixed training step of the tiny Phi-3 on CUDA, from the same LoRA weights."""
+    from meowdread.data import collate, encode_conversation
+    from meowdread.model import LoraSettings, QLoraModule
+
+    torch.manual_seed(0)
+    module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0), **settings)
+    module.configure_model(device="cuda")
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    replies = ["I fits, therefore I sits.", "The void fits too, and it is very large " * 4]
+    examples = [
+        encode_conversation(tokenizer, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": r}])
+        for i, r in enumerate(replies)
+    ]
+    batch = {k: v.cuda() for k, v in collate(examples, pad_id=tokenizer.pad_token_id).items()}
+    module.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, tokens = module.model_step(batch, "train")
+    (loss / tokens).backward()
+    return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [dict(kernels="liger"), dict(compile=True)],
+    ids=["liger", "compile"],
+)
+def test_the_fast_gpu_step_gives_the_plain_steps_loss_and_gradients(tokenizer, fast):
+    """Liger's kernels and the compiled layers are speed settings: loss and LoRA gradients stay the eager
+    step's, within bf16 rounding."""
+    if fast.get("kernels") == "liger":
+        pytest.importorskip("liger_kernel")
+    torch._dynamo.reset()
+    plain_loss, plain = _loss_and_lora_grads(tokenizer, gradient_checkpointing=False)
+    fast_loss, grads = _loss_and_lora_grads(tokenizer, **{"gradient_checkpointing": False, **fast})
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-2, atol=0)
+    for key, grad in plain.items():
+        error = (grads[key] - grad).norm() / grad.norm()
+        assert error < 5e-2, (key, error)
