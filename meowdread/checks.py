@@ -33,6 +33,7 @@ from meowdread.data import load_tokenizer, read_prompts
 from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
 from meowdread.model_files import check_model_files
 from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
+from meowdread.speed import check_kernels
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def check_config(subcommand: str | None, config: Any) -> None:
     """Every check below, on the namespace of one subcommand (``cli.config[subcommand]``); ``subcommand`` is
     None for ``chat`` and ``export``, which write no run directory."""
     check_ranges(config)
+    # Settings that cannot go together, before whether this machine could run either.
+    check_kernels(option(config, "model.kernels") or "torch", bool(option(config, "model.compile")))
     check_cuda_settings(config)
     check_machine(config)
     if subcommand is not None:

@@ -49,6 +49,7 @@ from meowdread.checkpoints import SafeCheckpointIO, SaveOnInterrupt
 from meowdread.checks import check_config, explain_parse_error
 from meowdread.data import CatCorpusDataModule
 from meowdread.model import QLoraModule
+from meowdread.ranges import option
 
 log = logging.getLogger("meowdread.cli")  # not __name__, which is __main__ under python -m
 
@@ -161,7 +162,7 @@ class MeowCLI(LightningCLI):
         init = logger.get("init_args") if hasattr(logger, "get") else None
         logs = Path(init.get("save_dir") or ".") / (init.get("name") or "lightning_logs") if init else None
         logs = logs or config.trainer.default_root_dir or "."
-        out = predictions_dir(config.get("ckpt_path"), config.model.get("adapter"), logs)
+        out = predictions_dir(config.get("ckpt_path"), option(config, "model.adapter"), logs)
         config.trainer.logger = False
         config.trainer.default_root_dir = str(out)
 

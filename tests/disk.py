@@ -38,8 +38,8 @@ class FillTheDisk(pl.Callback):
         if self.when == "adapter_export":
             export = pl_module.export_adapter
 
-            def fill_then_export(directory):
+            def fill_then_export(directory, **kwargs):
                 fill_disk(self.directory)
-                return export(directory)
+                return export(directory, **kwargs)
 
             pl_module.export_adapter = fill_then_export

@@ -360,9 +360,13 @@ def _(tmp_path):
 
 @case("`--format gguf` for a model it does not write")
 def _(tmp_path):
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    from meowdread.data import load_tokenizer
+
+    # A complete model directory (weights and a tokenizer), so that only its architecture is refused.
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=2048)).save_pretrained(tmp_path / "gpt2")
+    load_tokenizer("embedded:tiny-phi3").save_pretrained(tmp_path / "gpt2")
     (tmp_path / "adapter").mkdir()  # what the pre-flight check of model.adapter looks for; never loaded here
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (tmp_path / "adapter" / name).write_text("{}", encoding="utf-8")

@@ -137,7 +137,8 @@ def test_a_killed_or_interrupted_fit_resumes_to_the_same_adapter(small_run, unin
 
 def test_a_sigterm_before_training_says_nothing_was_trained(small_run):
     save_dir = small_run / "early-sigterm"
-    process, log = start_fit(small_run, save_dir)
+    # Verbose: Lightning's "Seed set to" line (quiet otherwise) marks the end of the configuration.
+    process, log = start_fit(small_run, save_dir, env=os.environ | {"MEOWDREAD_VERBOSE": "1"})
     wait_for(process, log, lambda: "Seed set to" in log.read_text(), "configuration parsed")
     process.send_signal(signal.SIGTERM)  # while the data and the model load
     code = process.wait(timeout=300)
@@ -322,7 +323,7 @@ def test_failing_runs_leave_every_earlier_file_byte_identical(tmp_path, small_di
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
-    run = disk / "lightning_logs" / "version_2"
+    run = disk / "lightning_logs" / "version_1"  # predict makes no run of its own
     assert (
         f"meowdread: error: {run}/adapter.partial: could not be written (no space left on the device); the last good "
         f"checkpoint is {run}/checkpoints/last.ckpt" in done.stderr
