@@ -300,7 +300,9 @@ def test_validate_and_test_from_a_checkpoint(run, tmp_path, subcommand, capsys):
 
 
 def test_show_examples_prints_the_trained_spans(tmp_path, capsys):
-    cli("fit", tmp_path, "--data.show_examples", "1", "--trainer.fast_dev_run", "true")
+    # fast_dev_run still saves a checkpoint into default_root_dir (the working directory unless set)
+    smoke = ["--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path)]
+    cli("fit", tmp_path, "--data.show_examples", "1", *smoke)
     out = capsys.readouterr().out
     assert "<|assistant|>\n⟦" in out and "<|end|>⟧" in out
     assert not (tmp_path / "adapter").exists() and not Path("adapter").exists()  # smoke runs export nothing
