@@ -85,7 +85,7 @@ def export(
     module.model = None
     model.config.use_cache = True  # training turned it off; generation wants it
     # Stock generate() must stop at the end of a turn too, or the model talks on past its answer (Phi-3's own
-    # generation config stops on <|end|>; many converted checkpoints only on end of text).
+    # generation config stops on its turn end; many converted checkpoints only on end of text).
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     stops = ChatFormat.of(module.tokenizer).stop_ids
