@@ -8,36 +8,17 @@ import json
 
 import pytest
 
-from meowdread.chat_format import IGNORE_INDEX, WORD_JOINER, ChatFormat, ChatFormatError
+from meowdread.chat_format import WORD_JOINER, ChatFormat, ChatFormatError
 from meowdread.cli import main
 
 from .conftest import CORPUS, tiny_args
+from .test_data import CONVERSATION, trained_runs
 from .tiny_models import FAMILIES, build_model_dir, build_tokenizer
-
-CONVERSATION = [
-    {"role": "system", "content": "You are a cat who has read Camus."},
-    {"role": "user", "content": "Why do I sit in boxes?"},
-    {"role": "assistant", "content": "I fits, therefore I sits."},
-    {"role": "user", "content": "But why?"},
-    {"role": "assistant", "content": "The box does not ask. Neither should you."},
-]
 
 
 @pytest.fixture(scope="module", params=["phi3", *FAMILIES])
 def family_tokenizer(request, tokenizer):
     return request.param, tokenizer if request.param == "phi3" else build_tokenizer(request.param, CORPUS)
-
-
-def labelled_spans(tokenizer, example) -> list[str]:
-    """The labelled tokens of an example, decoded run by run."""
-    spans, run = [], []
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        if label != IGNORE_INDEX:
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    return spans + ([tokenizer.decode(run)] if run else [])
 
 
 def test_the_turn_end_stops_and_pad_come_from_the_template(family_tokenizer):
@@ -61,7 +42,7 @@ def test_every_assistant_reply_and_its_turn_end_are_labelled_and_nothing_else(fa
     fmt = ChatFormat.of(tokenizer)
     example = fmt.encode(CONVERSATION)
     replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    assert labelled_spans(tokenizer, example) == [reply + fmt.turn_end for reply in replies]
+    assert trained_runs(tokenizer, example) == [reply + fmt.turn_end for reply in replies]
     # The label of the turn end is there although the pad (where there is one) may be the same id.
     assert sum(label == fmt.turn_end_id for label in example["labels"]) == len(replies)
 
