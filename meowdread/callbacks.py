@@ -213,12 +213,15 @@ class SampleCallback(pl.Callback):
 
 
 def predictions_dir(ckpt_path: str | None, adapter: str | None, logs: str | Path) -> Path:
-    """Where ``predict`` writes: ``<run>/predictions`` for a checkpoint in a run's ``checkpoints/`` folder or for
-    a run's ``adapter/``; ``<logs>/predictions`` (``lightning_logs/predictions``) for anything else."""
+    """Where ``predict`` writes: ``<run>/predictions`` for a run's ``checkpoints/last.ckpt`` or its ``adapter/``,
+    ``<run>/predictions-<name>`` for another checkpoint ``<name>.ckpt`` of the run (an epoch's, the best one),
+    so that predicting from two checkpoints of one run keeps both reports; ``<logs>/predictions``
+    (``lightning_logs/predictions``) for anything else."""
     if ckpt_path:
         ckpt = Path(ckpt_path)
         if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent / "predictions"
+            name = "predictions" if ckpt.stem == "last" else f"predictions-{ckpt.stem}"
+            return ckpt.parent.parent / name
     elif adapter:
         run = Path(adapter).parent
         if (run / "checkpoints").is_dir() or (run / "config.yaml").is_file():

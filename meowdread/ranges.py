@@ -52,10 +52,15 @@ def within(low: float, high: float, brackets: str = "[]") -> Range:
 
 
 def _limit_batches(zero_ok: bool) -> Range:
-    """Lightning's ``limit_*_batches``: a number of batches (int) or a share of them (float)."""
+    """Lightning's ``limit_*_batches``: a number of batches (int) or a share of them (float).
+
+    A whole float above 1 is a number of batches too, as Lightning takes it (``_determine_batch_limits``):
+    jsonargparse can hand ``--trainer.limit_val_batches 2`` over as 2.0, since it tries a union's types in
+    their order and ``typing`` may return a cached ``Union[float, int]`` for Lightning's ``Union[int, float]``.
+    """
 
     def accepts(v):
-        if isinstance(v, int):
+        if isinstance(v, int) or (v > 1 and v % 1 == 0):
             return v >= (0 if zero_ok else 1)
         return 0 <= v <= 1 and (zero_ok or v > 0)
 

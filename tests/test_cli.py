@@ -51,6 +51,17 @@ def test_every_config_parses_and_says_how_to_run_it(config, capsys):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_no_config_keeps_a_copy_of_last_ckpt(config):
+    """A ModelCheckpoint that monitors nothing keeps its newest epoch=N-step=M.ckpt unless save_top_k is 0: a
+    byte-identical copy of last.ckpt, which costs a checkpoint's size for nothing."""
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    for callback in callbacks:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            init = callback.get("init_args") or {}
+            assert init.get("monitor") or init.get("save_top_k") == 0, init
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_spells_out_every_option(config):
     """So a user reading a config sees every knob, and a new option cannot be added without a value here."""
     import inspect
@@ -239,13 +250,18 @@ def test_predict_with_compare_base_puts_the_base_models_answers_beside(run, tmp_
     hyperparameters, which LightningCLI applies over the command line, do not carry the flag."""
     prompts = tmp_path / "prompts.txt"  # the first batch of run[1]'s prompts, so its answers are the same
     prompts.write_text("\n".join(PROMPTS.read_text().splitlines()[:8]) + "\n")
-    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"  # a copy: run[1] stays as it is
+    # A copy (run[1] stays as it is), as a checkpoint other than last.ckpt, in a run that has a report of last's.
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch0.ckpt"
     ckpt.parent.mkdir(parents=True)
     shutil.copy(run[0] / "checkpoints" / "last.ckpt", ckpt)
+    last_report = ckpt.parent.parent / "predictions" / "predictions.md"
+    last_report.parent.mkdir()
+    last_report.write_text("last.ckpt's report\n")
     cli("predict", tmp_path, "--data.prompts", str(prompts), "--ckpt_path", str(ckpt), "--model.compare_base", "true")
     cli("predict", tmp_path, "--data.prompts", str(prompts))  # a fresh LoRA: the base model itself
-    # The first next to the checkpoint's run, the second (no run) in the logger's one predictions folder.
-    compared, base = ckpt.parent.parent / "predictions", tmp_path / "lightning_logs" / "predictions"
+    # The first next to the checkpoint's run, in a folder of its own; the second (no run) in the logger's one.
+    compared, base = ckpt.parent.parent / "predictions-epoch0", tmp_path / "lightning_logs" / "predictions"
+    assert last_report.read_text() == "last.ckpt's report\n"
     rows = [json.loads(line) for line in (compared / "predictions.jsonl").read_text().splitlines()]
     alone = [json.loads(line)["answer"] for line in (base / "predictions.jsonl").read_text().splitlines()]
     trained = [json.loads(line)["answer"] for line in (run[1] / "predictions.jsonl").read_text().splitlines()][:8]

@@ -457,3 +457,19 @@ def test_the_settings_dataclasses_check_their_ranges_for_python_users():
     with pytest.raises(ValueError, match=re.escape("model.sampling.top_p: got 0.0, must be in (0, 1]")):
         SamplingSettings(top_p=0.0)
     SamplingSettings(temperature=0.0, do_sample=False)  # greedy decoding ignores the temperature
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [(2, True), (2.0, True), (0, True), (0.25, True), (1.0, True), (1.5, False), (2.5, False), (-1, False)],
+)
+def test_limit_batches_takes_what_lightning_takes(value, ok):
+    """A whole float above 1 is a number of batches, as Lightning's _determine_batch_limits reads it:
+    jsonargparse gave ``--trainer.limit_val_batches 2`` as 2.0 on the H200 machine (Python 3.12)."""
+    from meowdread.ranges import ConfigError, check_value
+
+    if ok:
+        check_value("trainer.limit_val_batches", value)
+    else:
+        with pytest.raises(ConfigError, match="limit_val_batches"):
+            check_value("trainer.limit_val_batches", value)
