@@ -64,7 +64,8 @@ def test_the_cuda_graph_decoder_gives_hf_generates_greedy_tokens(tokenizer):
 
 def _loss_and_lora_grads(tokenizer, **settings):
     """One bf16-mixed training step of the tiny Phi-3 on CUDA, from the same LoRA weights."""
-    from meowdread.data import collate, encode_conversation
+    from meowdread.chat_format import ChatFormat
+    from meowdread.data import collate
     from meowdread.model import LoraSettings, QLoraModule
 
     torch.manual_seed(0)
@@ -74,11 +75,12 @@ def _loss_and_lora_grads(tokenizer, **settings):
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     replies = ["I fits, therefore I sits.", "The void fits too, and it is very large " * 4]
+    chat_format = ChatFormat.of(tokenizer)
     examples = [
-        encode_conversation(tokenizer, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": r}])
+        chat_format.encode([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": r}])
         for i, r in enumerate(replies)
     ]
-    batch = {k: v.cuda() for k, v in collate(examples, pad_id=tokenizer.pad_token_id).items()}
+    batch = {k: v.cuda() for k, v in collate(examples, pad_id=chat_format.pad_id).items()}
     module.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, tokens = module.model_step(batch, "train")
