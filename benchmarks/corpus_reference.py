@@ -38,7 +38,7 @@ def first_pairs(conversations: list[list[dict]]) -> tuple[list[str], list[str]]:
     """The first user turn and the assistant reply right after it, of every conversation that has both."""
     prompts, answers = [], []
     for messages in conversations:
-        for user, reply in zip(messages, messages[1:]):
+        for user, reply in zip(messages, messages[1:], strict=False):
             if user["role"] == "user" and reply["role"] == "assistant":
                 prompts.append(user["content"])
                 answers.append(reply["content"])

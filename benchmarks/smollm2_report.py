@@ -79,7 +79,8 @@ def main() -> None:
             if not summary_path.is_file():
                 continue
             summary = json.loads(summary_path.read_text())
-            sampling = next(line for line in (run / folder / "predictions.md").read_text().splitlines() if "seed=" in line)
+            report = (run / folder / "predictions.md").read_text().splitlines()
+            sampling = next(line for line in report if "seed=" in line)
             seed = sampling.split("seed=")[1].split(",")[0]
             tuned, base = summary["answers_metrics"], summary["base_metrics"]
             cells = [f"{base[m]:.3g} → {tuned[m]:.3g}" for m in METRICS]

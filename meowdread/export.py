@@ -137,8 +137,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--gguf_type",
         choices=["f16", "bf16", "q8_0"],
-        default="f16",
-        help="--format gguf: the type of the weight matrices (q8_0: 8-bit, about half the size of f16)",
+        default=None,
+        help="--format gguf: the type of the weight matrices (default f16; q8_0: 8-bit, about half the size)",
     )
 
 
@@ -159,13 +159,17 @@ def run(cli) -> None:
     output, overwrite = Path(cli.config.output), cli.config.overwrite
     if not (cli.config.ckpt_path or cli.model.hparams.adapter):
         raise ValueError("export: nothing to merge: give --ckpt_path (a fit checkpoint, or last) or --model.adapter")
+    if cli.config.format == "hf" and cli.config.gguf_type is not None:
+        raise ValueError(
+            f"export: --gguf_type {cli.config.gguf_type} is for --format gguf; --format hf writes safetensors"
+        )
     check_output(output, overwrite)  # before loading the model, which takes minutes for Phi-3
     if cli.config.format == "gguf":
         _check_gguf(cli.model.hparams.pretrained, cli.model.hparams.trust_remote_code)
     module = cli.load_module()
     weights = cli.config.ckpt_path or module.hparams.adapter
     base, dtype = module.hparams.pretrained, module.quantization.compute_dtype
-    files = export(module, output, overwrite, cli.config.format, cli.config.gguf_type)
+    files = export(module, output, overwrite, cli.config.format, cli.config.gguf_type or "f16")
     total = sum(f.stat().st_size for f in files)
     print(f"exported {weights} merged into {base} ({dtype}) to {output}: {len(files)} files, {_size(total)}")
     for f in files:

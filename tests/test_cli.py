@@ -374,6 +374,11 @@ def test_export_merges_the_last_checkpoint_into_a_model_stock_transformers_loads
         ("chat", ["--ckpt_path", "last"], "--ckpt_path last: no */checkpoints/last.ckpt under"),
         ("chat", ["--ckpt_path", str(CORPUS)], "cat_corpus.jsonl: ckpt_path: not a complete checkpoint"),
         ("export", ["--output", "{tmp}/out"], "export: nothing to merge: give --ckpt_path"),
+        (
+            "export",
+            ["--model.adapter", "{tmp}/adapter", "--gguf_type", "q8_0", "--output", "{tmp}/out"],
+            "--gguf_type q8_0 is for --format gguf",
+        ),
         ("export", ["--model.adapter", "{tmp}/adapter", "--output", str(REPO)], "is not empty; add --overwrite"),
     ],
 )
