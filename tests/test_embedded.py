@@ -35,6 +35,9 @@ def test_hub_ids_and_paths_pass_through_and_unknown_embedded_names_are_refused(t
 
 
 SMOLLM2 = "smollm2-135m-instruct"
+# The tests that convert the real SmolLM2 (about 25 s on 2 cores) run in the slow tier with the learning test,
+# which shares the session's converted model: `make test-slow`, which CI runs too.
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,7 @@ def smollm2(embedded_cache):
     return Path(resolve_pretrained("embedded:" + SMOLLM2))
 
 
+@SLOW
 def test_smollm2_is_a_bf16_llama_checkpoint_equal_to_the_gguf_weights(smollm2):
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -66,6 +70,7 @@ def test_smollm2_is_a_bf16_llama_checkpoint_equal_to_the_gguf_weights(smollm2):
         assert torch.equal(weights[name], expected.to(torch.bfloat16)), name
 
 
+@SLOW
 def test_smollm2_tokenizer_ends_turns_and_pads_with_its_turn_end(smollm2):
     """transformers 5.17 reads eos = bos = <|im_start|> and no pad from the GGUF file; the cache fixes both, so
     every transformers version loads the same tokenizer (the hub checkpoint's settings)."""
@@ -83,6 +88,7 @@ def test_smollm2_tokenizer_ends_turns_and_pads_with_its_turn_end(smollm2):
     assert resolve_pretrained("embedded:" + SMOLLM2) == str(smollm2)  # cached: not converted again
 
 
+@SLOW
 def test_smollm2_trains_and_samples_under_the_templates_default_system_prompt(smollm2):
     """The decision: meowdread keeps the system prompt that SmolLM2's template inserts into a conversation
     without one, in training and in sampling alike; a conversation's own system turn replaces it."""
