@@ -17,6 +17,9 @@ import yaml
 
 from .conftest import PROMPTS, REPO, tiny_args
 
+# Two ranks in real subprocesses take about a minute on 2 cores: the slow tier, which CI runs too.
+pytestmark = pytest.mark.slow
+
 DDP_YAML = yaml.safe_load((REPO / "configs" / "ddp.yaml").read_text())
 
 # Two optimizer steps of two micro-batches per rank (the second one after DDP's gradient buckets were zeroed).
