@@ -262,6 +262,7 @@ def test_speed_monitor_leaves_fits_validation_and_samples_out_of_the_training_pe
     assert monitor.metrics(trainer)["perf/peak_mem_gb"] == 8 / 2**30
 
 
+@pytest.mark.slow  # Inductor's C++ compile takes about 20 s on 2 cores: the slow tier, which CI runs
 def test_the_compiled_step_gives_the_plain_steps_loss_and_gradients(tokenizer):
     """``compile: true`` is a speed setting: loss and LoRA gradients stay those of the eager step (bf16)."""
     batch = batch_of(tokenizer, "I fits, therefore I sits.", "The void fits too, and it is very large " * 3)
