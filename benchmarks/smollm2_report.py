@@ -79,9 +79,7 @@ def main() -> None:
             if not summary_path.is_file():
                 continue
             summary = json.loads(summary_path.read_text())
-            report = (run / folder / "predictions.md").read_text().splitlines()
-            sampling = next(line for line in report if "seed=" in line)
-            seed = sampling.split("seed=")[1].split(",")[0]
+            seed = summary["sampling"]["seed"]
             tuned, base = summary["answers_metrics"], summary["base_metrics"]
             cells = [f"{base[m]:.3g} → {tuned[m]:.3g}" for m in METRICS]
             out.append(f"| {run.name} | {ckpt} | {seed} | " + " | ".join(cells) + " |")
