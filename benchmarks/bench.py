@@ -107,24 +107,33 @@ def long_corpus(path: Path, target_words: int = 1400, n: int = 48) -> Path:
 
 # ----------------------------------------------------------------------------------------------- meowdread
 # configs/phi3_qlora.yaml as shipped; each variant changes one or two settings.
-BASE = dict(batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=False)
+BASE = dict(
+    batch_size=32, gradient_checkpointing=True, optimizer="adamw", dropout=0.05, compile=False, padding_free=True,
+    kernels="fused",
+)  # fmt: skip
+# Compiled layers trace transformers' and peft's own modules (model.kernels torch).
+COMPILED = dict(BASE, kernels="torch", compile=True)
 VARIANTS = {
     "phi3_qlora": dict(BASE),
+    "phi3_qlora-before": dict(BASE, padding_free=False, kernels="torch"),  # as shipped until 2026-12-01
+    "phi3_qlora-torch": dict(BASE, kernels="torch"),
+    "phi3_qlora-padded": dict(BASE, padding_free=False),
     "phi3_qlora-liger": dict(BASE, kernels="liger"),
-    "phi3_qlora-compile": dict(BASE, compile=True),
-    "phi3_qlora-compile-ckpt29": dict(BASE, compile=True, gradient_checkpointing=29),
-    "phi3_qlora-compile-no-ckpt": dict(BASE, compile=True, gradient_checkpointing=False),
+    "phi3_qlora-compile": dict(COMPILED),
+    "phi3_qlora-compile-ckpt29": dict(COMPILED, gradient_checkpointing=29),
+    "phi3_qlora-compile-no-ckpt": dict(COMPILED, gradient_checkpointing=False),
     # Bigger batches: the step's CPU cost (launches, Python) is paid once for more tokens
     "phi3_qlora-b48": dict(BASE, batch_size=48),
     "phi3_qlora-b64": dict(BASE, batch_size=64),
     "phi3_qlora-b64-liger": dict(BASE, batch_size=64, kernels="liger"),
-    "phi3_qlora-b64-compile": dict(BASE, batch_size=64, compile=True),
+    "phi3_qlora-b64-compile": dict(COMPILED, batch_size=64),
     # configs/low_memory.yaml
     "low_memory": dict(BASE, batch_size=16),
-    "low_memory-compile": dict(BASE, batch_size=16, compile=True),
+    "low_memory-compile": dict(COMPILED, batch_size=16),
     # 2,048-token examples
     "long-b4": dict(BASE, batch_size=4, long=True),
-    "long-b4-compile-ckpt29": dict(BASE, batch_size=4, long=True, compile=True, gradient_checkpointing=29),
+    "long-b8": dict(BASE, batch_size=8, long=True),
+    "long-b4-compile-ckpt29": dict(COMPILED, batch_size=4, long=True, gradient_checkpointing=29),
 }
 DEFAULT_VARIANTS = ["phi3_qlora", "phi3_qlora-liger", "phi3_qlora-compile", "phi3_qlora-compile-ckpt29", "low_memory"]
 
@@ -138,7 +147,7 @@ def optimizer_factory(name: str):
     return functools.partial(torch.optim.AdamW, lr=2e-4, weight_decay=0.0)
 
 
-def data_module(batch_size: int, long: bool, workdir: Path) -> CatCorpusDataModule:
+def data_module(batch_size: int, long: bool, workdir: Path, padding_free: bool = False) -> CatCorpusDataModule:
     corpus = long_corpus(workdir / "long.jsonl") if long else CORPUS
     return CatCorpusDataModule(
         corpus=str(corpus),
@@ -147,6 +156,7 @@ def data_module(batch_size: int, long: bool, workdir: Path) -> CatCorpusDataModu
         max_length=2048 if long else 1024,
         overlong="truncate",
         batch_size=batch_size,
+        padding_free=padding_free,
     )
 
 
@@ -197,7 +207,7 @@ def run_meowdread(out: Path, workdir: Path, name: str, steps: int, profile: bool
     )
     module.configure_model(device=DEVICE)
     load_s = time.perf_counter() - load_start
-    data = data_module(v["batch_size"], v.get("long", False), workdir)
+    data = data_module(v["batch_size"], v.get("long", False), workdir, v.get("padding_free", False))
     warm = WARMUP_STEPS  # compiled variants compile for the first shapes they meet
     monitor, clock = SpeedMonitor(warmup_steps=warm), StepClock(first=warm)
     callbacks = [monitor, clock]
@@ -549,9 +559,9 @@ def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, d
         "",
         f"bf16 matmul {tflops:.0f} TFLOP/s; {params / 1e9:.2f}B parameters; limit {limit:,.0f} trained tok/s.",
         "",
-        "| system | case | batch | grad ckpt | compile | kernels | trained tok/s | % of limit | × reference "
-        "| × tuned TRL | × Unsloth | peak GB | first steps' overhead s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | case | batch | padding-free | grad ckpt | compile | kernels | trained tok/s | % of limit "
+        "| × reference | × tuned TRL | × Unsloth | peak GB | first steps' overhead s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(tps, row, long, digits):
@@ -564,7 +574,8 @@ def write_table(out: Path, tflops: float, params: int, gpu: str | None = None, d
         kernels = "liger" if r.get("liger") else r.get("kernels", "")
         overhead = r.get("first_steps_overhead_s")
         lines.append(
-            f"| {r['system']} | {r['case']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
+            f"| {r['system']} | {r['case']} | {r['batch_size']} | {r.get('padding_free', '')} | "
+            f"{r['gradient_checkpointing']} | "
             f"{r.get('compile', False)} | {kernels} | {tps:,.0f} | {100 * tps / limit:.1f} | "
             f"{ratio(tps, ref, long, 1)} | {ratio(tps, tuned, long, 2)} | {ratio(tps, unsloth, long, 2)} | "
             f"{r['peak_mem_gb']:.2f} | {'' if overhead is None else overhead} |"

@@ -12,6 +12,10 @@
 #   bash benchmarks/device_session.sh smollm2 PART_AB_AC_DIR OUT     # join, install, benchmarks/smollm2_gpu.sh
 #   bash benchmarks/device_session.sh speed TRL_LIGER_DIR OUT        # whole fits, then bench.py rows
 #   bash benchmarks/device_session.sh unsloth UNSLOTH_DIR OUT        # the Unsloth row on bench.py's examples
+# The benchmark call of benchmarks/results/h200-2026-12-01-call3 (every row in one lease), three calls:
+#   bash benchmarks/device_session.sh rows "SITE_DIR TRL_LIGER_DIR" OUT  # fresh machine: whole fit, meowdread rows
+#   bash benchmarks/device_session.sh peers - OUT                        # TRL rows, sampling, GPU tests
+#   bash benchmarks/device_session.sh unsloth UNSLOTH_DIR OUT
 set -uo pipefail
 stage=$1 from=$2 out=${3:-}
 D=/tmp/dev
@@ -42,6 +46,29 @@ speed)
   timeout 330 python3 benchmarks/bench.py --out "$out" --steps 25 --cases dump-examples \
     meowdread:phi3_qlora meowdread:phi3_qlora-b64 meowdread:phi3_qlora-b48 meowdread:phi3_qlora-b64-liger \
     trl-liger meowdread:phi3_qlora-b64-compile 2>&1 | grep -v -i "warn" | tee "$out/bench.log" | tail -30
+  log done ;;
+rows)
+  read -r site trl_liger <<<"$from"
+  mkdir -p "$out" && cp -r "$site" $D/site && python3 -m pip install -q --no-deps --no-index --target $D/site "$trl_liger"/*.whl || exit 1
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
+  log "build embedded:phi3-mini-random"
+  time python3 -m meowdread.embedded phi3-mini-random
+  log "whole fit, configs/phi3_qlora.yaml as shipped"
+  timeout 120 bash benchmarks/whole_fit.sh "$out" phi3_qlora
+  log "bench rows"
+  timeout 420 python3 benchmarks/bench.py --out "$out" --steps 25 --cases dump-examples \
+    meowdread:phi3_qlora meowdread:phi3_qlora-before meowdread:phi3_qlora-torch meowdread:phi3_qlora-b64 \
+    meowdread:phi3_qlora-liger meowdread:low_memory meowdread:long-b4 meowdread:long-b8 \
+    meowdread:phi3_qlora-compile-ckpt29 --profile phi3_qlora 2>&1 | grep -v -i "warn" >"$out/bench.log"
+  tail -30 "$out/bench.md"
+  log done ;;
+peers)
+  log "TRL rows and sampling"
+  timeout 300 python3 benchmarks/bench.py --out "$out" --steps 25 --cases trl-reference trl-tuned trl-liger \
+    sampling-static 2>&1 | grep -v -i "warn" >"$out/bench-peers.log"
+  log "GPU tests"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "DEBUG" | tail -15 \
+    | tee "$out/pytest-gpu.log"
   log done ;;
 unsloth)
   python3 -m pip install -q --no-deps --no-index --target /tmp/usite "$from"/*.whl || exit 1

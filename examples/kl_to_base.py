@@ -33,7 +33,7 @@ class KLToBaseModule(QLoraModule):
             return loss_sum, n_tokens
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         with torch.no_grad(), self.model.disable_adapter():  # the same weights, the adapter left out
-            base_logits = self.model(input_ids=batch["input_ids"]).logits
+            base_logits = self.model(input_ids=batch["input_ids"], **self.attention_kwargs(batch)).logits
         log_p = logits[:, :-1][keep].float().log_softmax(-1)
         log_q = base_logits[:, :-1][keep].float().log_softmax(-1)
         kl_sum = (log_p.exp() * (log_p - log_q)).sum()  # summed like the loss: the step normalises both

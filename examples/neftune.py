@@ -24,6 +24,16 @@ class NEFTuneModule(QLoraModule):
         super().__init__(**kwargs)
         self.noise_alpha = noise_alpha
 
+    def on_fit_start(self) -> None:
+        # The bound is per sequence length L: in a padding-free row, L would be the whole batch's tokens.
+        # (transformers#34659: the same problem in its Trainer with packing.)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.hparams.get("padding_free"):
+            raise ValueError(
+                "model.noise_alpha: NEFTune scales its noise by each sequence's length, which a padding-free "
+                "batch does not keep; set data.padding_free: false"
+            )
+
     def embed(self, input_ids: torch.Tensor, stage: str) -> torch.Tensor:
         embeds = super().embed(input_ids, stage)
         if stage != "train" or self.noise_alpha == 0:

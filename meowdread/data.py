@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from meowdread.chat_format import IGNORE_INDEX, ChatFormat
 from meowdread.embedded import TINY_PHI3, resolve_pretrained
 from meowdread.formats import CorpusError, Format, Message, read_corpus, read_prompts
+from meowdread.packing import collate_packed
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,9 @@ class CatCorpusDataModule(pl.LightningDataModule):
         show_examples: print this many training examples with their trained tokens marked at setup.
         lexicons: the lexicons the sample metrics count markers of, one metric pair per file (named after it);
             see ``data/lexicons/README.md``.
+        padding_free: put each batch's examples end to end in one row instead of padding them to the
+            longest (:mod:`meowdread.packing`): the same examples, loss and gradients, without the pad
+            tokens' work. Needs ``sdpa`` or ``eager`` attention (run per example) or a FlashAttention backend.
     """
 
     def __init__(
@@ -204,6 +208,7 @@ class CatCorpusDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         show_examples: int = 0,
         lexicons: tuple[str, ...] = ("data/lexicons/cat_lingo.json", "data/lexicons/angst.json"),
+        padding_free: bool = False,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -311,11 +316,15 @@ class CatCorpusDataModule(pl.LightningDataModule):
         return examples
 
     def _loader(self, examples: list[dict], sampler=None, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        if self.hparams.padding_free:
+            collate_fn = collate_packed
+        else:
+            collate_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
         return loader_class(
             examples,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            collate_fn=collate_fn,
             num_workers=self.hparams.num_workers,
         )
 

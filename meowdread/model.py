@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MeanMetric
 
-from meowdread import speed
+from meowdread import packing, speed
 from meowdread.adapters import LoraSettings, QuantizationSettings, find_unmatched_targets, linear_names
 from meowdread.checkpoints import (
     load_checkpoint_file,
@@ -93,8 +93,10 @@ class QLoraModule(pl.LightningModule):
         compile: ``torch.compile`` each decoder layer for training (regional compilation: one graph reused by
             every layer; validation and sampling stay eager). Fuses the many small kernels of norms, LoRA and
             bitsandbytes between the matmuls; needs Triton on a GPU (a C++ compiler on the CPU).
-        kernels: ``liger`` swaps Phi-3's RMSNorms and SwiGLU for Liger's fused Triton kernels, for an eager
-            step (``compile: false``; needs ``liger-kernel`` and a CUDA GPU); ``torch`` keeps transformers' own.
+        kernels: ``fused`` runs each 4-bit LoRA layer as one autograd function and the RMSNorms as one
+            kernel (:mod:`meowdread.fused`; any device); ``liger`` adds Liger's fused Triton RMSNorm and SwiGLU
+            for Phi-3 instead of the norms (``compile: false``; needs ``liger-kernel`` and a CUDA GPU);
+            ``torch`` keeps peft's and transformers' own modules.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.
@@ -189,6 +191,7 @@ class QLoraModule(pl.LightningModule):
                     f"layers ({kind}) are {linear_names(base)}; or use all-linear"
                 )
             self.model = get_peft_model(base, self.lora.to_peft())
+        speed.apply_lora_kernels(self.model, hp.get("kernels", "torch"))
         if hp.compile:
             speed.compile_training_layers(base.model.layers)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -250,8 +253,18 @@ class QLoraModule(pl.LightningModule):
         # Batches are right-padded (``data.collate``): under causal attention no real token can see a pad
         # token after it, so the padding mask changes no logit that has a label. Without it, attention runs
         # the plain causal kernel (FlashAttention-2) instead of a masked one.
-        logits = self.model(inputs_embeds=self.embed(batch["input_ids"], stage)).logits
+        inputs = self.embed(batch["input_ids"], stage)
+        logits = self.model(inputs_embeds=inputs, **self.attention_kwargs(batch)).logits
         return self.compute_loss(logits, batch, stage)
+
+    def attention_kwargs(self, batch: dict[str, torch.Tensor]) -> dict:
+        """What a forward pass of ``batch`` needs besides its tokens: for a padding-free batch
+        (``data.padding_free``) the positions and example boundaries that keep its examples apart (see
+        :mod:`meowdread.packing`); nothing for a padded one. Pass them to any other forward of the batch."""
+        if not packing.is_packed(batch):
+            return {}
+        packing.make_packable(self.model.get_base_model())
+        return packing.packed_model_kwargs(batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.model_step(batch, "train")

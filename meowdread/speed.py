@@ -1,5 +1,6 @@
-"""Speed settings of the training step that leave its results unchanged: compiled decoder layers, Liger's
-fused Triton kernels, and activation checkpointing on some layers only.
+"""Speed settings of the training step that leave its results unchanged: compiled decoder layers, fused
+LoRA layers and norms (meowdread's own, :mod:`meowdread.fused`, or Liger's Triton kernels), and activation
+checkpointing on some layers only.
 
 ``QLoraModule`` applies them from ``model.compile``, ``model.kernels`` and ``model.gradient_checkpointing``;
 tests compare each against the plain step (loss and LoRA gradients).
@@ -13,7 +14,7 @@ from typing import Literal
 
 import torch
 
-Kernels = Literal["torch", "liger"]
+Kernels = Literal["torch", "fused", "liger"]
 
 
 def compile_training_layers(layers: torch.nn.ModuleList, backend="inductor") -> None:
@@ -40,13 +41,13 @@ def compile_training_layers(layers: torch.nn.ModuleList, backend="inductor") -> 
 
 def check_kernels(kernels: Kernels, compile: bool) -> None:
     """Refuse a ``model.kernels`` setting that cannot run, before the base loads."""
+    if kernels != "torch" and compile:
+        raise ValueError(
+            f"model.kernels: {kernels} does not combine with model.compile: true (torch.compile does not trace "
+            "these hand-written kernels, and fuses the same operations itself); add --model.kernels torch"
+        )
     if kernels != "liger":
         return
-    if compile:
-        raise ValueError(
-            "model.kernels: liger does not combine with model.compile: true (torch.compile cannot trace "
-            "Liger's kernels, and fuses the same operations itself); set one of them"
-        )
     try:
         import liger_kernel.transformers  # noqa: F401
     except ImportError:
@@ -54,7 +55,8 @@ def check_kernels(kernels: Kernels, compile: bool) -> None:
 
 
 def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
-    """Swap the base's RMSNorms and SwiGLU for Liger's fused Triton kernels (``kernels: liger``).
+    """Before LoRA: the base's RMSNorms through ``F.rms_norm`` (``kernels: fused``), or its RMSNorms and
+    SwiGLU swapped for Liger's fused Triton kernels (``kernels: liger``).
 
     Each replaces several elementwise kernels and their saved activations with one Triton kernel a pass;
     the matmuls (4-bit base and LoRA) are untouched. Only this model's modules change (Liger's own
@@ -63,6 +65,11 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
     ``liger-kernel`` and a CUDA GPU; Phi-3 only.
     """
     if kernels == "torch":
+        return
+    if kernels == "fused":
+        from meowdread.fused import apply_fused_norms
+
+        apply_fused_norms(base)
         return
     config = base.config
     if config.model_type != "phi3" or config.hidden_act not in ("silu", "swish"):
@@ -80,6 +87,15 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
         layer.input_layernorm = fused_norm(layer.input_layernorm)
         layer.post_attention_layernorm = fused_norm(layer.post_attention_layernorm)
         layer.mlp.forward = types.MethodType(LigerPhi3SwiGLUMLP.forward, layer.mlp)
+
+
+def apply_lora_kernels(model: torch.nn.Module, kernels: Kernels) -> None:
+    """After LoRA: each 4-bit LoRA layer in one autograd function (:class:`meowdread.fused.LoraLinear4bit`),
+    for ``kernels: fused`` and ``liger`` (Liger has no LoRA kernel of its own)."""
+    if kernels != "torch":
+        from meowdread.fused import apply_fused_lora
+
+        apply_fused_lora(model)
 
 
 def enable_checkpointing(base: torch.nn.Module, setting: bool | int) -> None:

@@ -382,9 +382,9 @@ def _(tmp_path):
     return args
 
 
-@case("`model.kernels: liger` with `model.compile: true`")
+@case("`model.kernels: fused` or `liger` with `model.compile: true`")
 def _(tmp_path):
-    return cli("fit", tmp_path, "--model.kernels", "liger", "--model.compile", "true")
+    return cli("fit", tmp_path, "--model.kernels", "fused", "--model.compile", "true")
 
 
 @case("`model.kernels: liger` without liger-kernel installed")

@@ -62,11 +62,12 @@ def test_the_cuda_graph_decoder_gives_hf_generates_greedy_tokens(tokenizer):
     assert auto == hf and any(auto)  # a random tiny model may end an answer at once
 
 
-def _loss_and_lora_grads(tokenizer, **settings):
+def _loss_and_lora_grads(tokenizer, padding_free=False, **settings):
     """One bf16-mixed training step of the tiny Phi-3 on CUDA, from the same LoRA weights."""
     from meowdread.chat_format import ChatFormat
     from meowdread.data import collate
     from meowdread.model import LoraSettings, QLoraModule
+    from meowdread.packing import collate_packed
 
     torch.manual_seed(0)
     module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0), **settings)
@@ -80,7 +81,8 @@ def _loss_and_lora_grads(tokenizer, **settings):
         chat_format.encode([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": r}])
         for i, r in enumerate(replies)
     ]
-    batch = {k: v.cuda() for k, v in collate(examples, pad_id=chat_format.pad_id).items()}
+    batch = collate_packed(examples) if padding_free else collate(examples, pad_id=chat_format.pad_id)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     module.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, tokens = module.model_step(batch, "train")
@@ -90,14 +92,32 @@ def _loss_and_lora_grads(tokenizer, **settings):
 
 @pytest.mark.parametrize(
     "fast",
-    [dict(kernels="liger"), dict(compile=True)],
-    ids=["liger", "compile"],
+    [
+        dict(kernels="liger"),
+        dict(kernels="fused"),
+        dict(compile=True),
+        dict(padding_free=True),
+        dict(padding_free=True, compile=True),
+        dict(padding_free=True, gradient_checkpointing=True, kernels="fused"),
+    ],
+    ids=[
+        "liger",
+        "fused",
+        "compile",
+        "padding-free",
+        "padding-free-compile",
+        "padding-free-checkpointed-fused",
+    ],  # fmt: skip
 )
 def test_the_fast_gpu_step_gives_the_plain_steps_loss_and_gradients(tokenizer, fast):
-    """Liger's kernels and the compiled layers are speed settings: loss and LoRA gradients stay the eager
-    step's, within bf16 rounding."""
+    """Liger's kernels, the compiled layers and padding-free rows (PyTorch's variable-length FlashAttention
+    kernel) are speed settings: loss and LoRA gradients stay the eager padded step's, within bf16 rounding."""
     if fast.get("kernels") == "liger":
         pytest.importorskip("liger_kernel")
+    if fast.get("padding_free"):
+        from meowdread.packing import _varlen
+
+        assert _varlen() is not None, "this torch has no torch.nn.attention.varlen kernel"
     torch._dynamo.reset()
     plain_loss, plain = _loss_and_lora_grads(tokenizer, gradient_checkpointing=False)
     fast_loss, grads = _loss_and_lora_grads(tokenizer, **{"gradient_checkpointing": False, **fast})

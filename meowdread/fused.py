@@ -1,0 +1,152 @@
+"""``kernels: fused``: the 4-bit LoRA linear layer in one autograd function, and RMSNorm in one kernel.
+
+peft's 4-bit LoRA layer runs the frozen matmul through bitsandbytes and then, as separate autograd nodes,
+a defensive copy of its output, the two LoRA matmuls, a scaling and an add: four passes over an output that is
+up to 16,384 wide, forward, recompute and backward, in each of the 128 adapted layers of Phi-3-mini. The eager
+step is bound by such memory-bound kernels (benchmarks/NOTES.md). :class:`LoraLinear4bit` computes the same
+``x W^T + s (dropout(x) A^T) B^T`` with the LoRA product accumulated into the frozen one by ``addmm_``, and a
+backward written out: ``dx = g W + s (g B) A``, ``dA = s (g B)^T dropout(x)``, ``dB = s g^T (dropout(x) A^T)``,
+the weight dequantized again rather than kept. It saves what peft saves (the dropped-out input and the rank-r
+product). Dropout stays peft's own module, called the same way, so the masks are the same random draws.
+
+RMSNorms of the Llama form (``weight * normalize(x.float()).to(dtype)``: Phi-3, Llama, Qwen2, Mistral) run
+through ``F.rms_norm``, which on CUDA is one fused kernel each way instead of about eight.
+
+Layers or calls that are not plain LoRA on a bitsandbytes 4-bit layer (DoRA and other variants, a LoRA bias,
+several active adapters, a disabled or merged adapter) take peft's own forward, unchanged. Tests compare loss
+and gradients with peft's step (``tests/test_fused.py``).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class LoraLinear4bit(torch.autograd.Function):
+    """``x W^T (+ bias) + scaling * (xd A^T) B^T`` for a frozen NF4/FP4 ``W``; ``xd`` is ``x`` after LoRA dropout
+    (or ``x`` itself, passed as None). Returns the output in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x, xd, packed, quant_state, bias, lora_A, lora_B, scaling, lora_dtype):
+        import bitsandbytes.functional as bnbf
+
+        base_dtype = quant_state.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(base_dtype)
+        weight = bnbf.dequantize_4bit(packed, quant_state)
+        out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(base_dtype), x2, weight.t())
+        del weight
+        xd2 = x.reshape(-1, shape[-1]) if xd is None else xd.reshape(-1, shape[-1])
+        xd2 = xd2.to(lora_dtype)
+        a, b = lora_A.to(lora_dtype), lora_B.to(lora_dtype)
+        h = torch.mm(xd2, a.t())
+        if lora_dtype == out.dtype:
+            out.addmm_(h, b.t(), alpha=scaling)
+        else:  # no autocast: peft computes the LoRA branch in the adapter's dtype, then adds it in the base's
+            out = out + (torch.mm(h, b.t()) * scaling).to(out.dtype)
+        ctx.save_for_backward(xd2, h, packed, a, b)
+        ctx.quant_state, ctx.scaling, ctx.separate_xd = quant_state, scaling, xd is not None
+        ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = shape, x.dtype, (lora_A.dtype, lora_B.dtype)
+        return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import bitsandbytes.functional as bnbf
+
+        xd2, h, packed, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        weight = bnbf.dequantize_4bit(packed, ctx.quant_state)
+        grad_x = torch.mm(g.to(weight.dtype), weight)
+        del weight
+        gl = g.to(h.dtype)
+        gb = torch.mm(gl, b)  # (g B): the gradient of h, before the scaling
+        grad_b = torch.mm(gl.t(), h).mul_(s).to(ctx.param_dtypes[1])
+        grad_a = torch.mm(gb.t(), xd2).mul_(s).to(ctx.param_dtypes[0])
+        grad_xd = None
+        if ctx.separate_xd:  # dropout: its own node scales this by the mask
+            grad_xd = torch.mm(gb, a).mul_(s).reshape(ctx.x_shape).to(ctx.x_dtype)
+        elif grad_x.dtype == gb.dtype:
+            grad_x.addmm_(gb, a, alpha=s)
+        else:
+            grad_x = grad_x + (torch.mm(gb, a) * s).to(grad_x.dtype)
+        grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """A peft ``lora.Linear4bit`` forward: :class:`LoraLinear4bit` for one plain LoRA adapter, else peft's."""
+    adapter = _plain_adapter(self, args, kwargs)
+    if adapter is None:
+        return self._meowdread_peft_forward(x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[adapter]
+    xd = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    if torch.is_autocast_enabled(x.device.type):
+        lora_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        lora_dtype = lora_A.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraLinear4bit.apply(
+            x, xd, base.weight, base.weight.quant_state, base.bias, lora_A, lora_B, self.scaling[adapter], lora_dtype
+        )
+
+
+def _plain_adapter(layer, args, kwargs) -> str | None:
+    """The one active adapter if this call is plain LoRA on a 4-bit base, else None (peft's forward runs)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A or adapter in layer.lora_variant or layer.lora_bias.get(adapter):
+        return None
+    base = layer.get_base_layer()
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return None
+    return adapter
+
+
+def _fused_rms_norm_forward(self, hidden_states):
+    weight = self.weight
+    if weight.dtype != hidden_states.dtype:  # upcast weights: their product is fp32 in the model's own forward
+        return self._meowdread_own_forward(hidden_states)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+
+
+def is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    """An RMSNorm of transformers' Llama form (a ``weight`` and ``variance_epsilon``, no offset or bias)."""
+    name = type(module).__name__
+    return (
+        name.endswith("RMSNorm")
+        and name.removesuffix("RMSNorm") in ("Phi3", "Llama", "Qwen2", "Mistral")
+        and hasattr(module, "variance_epsilon")
+        and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+    )
+
+
+def apply_fused_lora(model: torch.nn.Module) -> int:
+    """Route every peft 4-bit LoRA layer of ``model`` through :class:`LoraLinear4bit`; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A"):
+            if not hasattr(module, "_meowdread_peft_forward"):
+                module._meowdread_peft_forward = module.forward
+                module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
+def apply_fused_norms(base: torch.nn.Module) -> int:
+    """Run the base's Llama-form RMSNorms through ``F.rms_norm``; returns how many."""
+    count = 0
+    for module in base.modules():
+        if is_llama_rms_norm(module) and not hasattr(module, "_meowdread_own_forward"):
+            module._meowdread_own_forward = module.forward
+            module.forward = types.MethodType(_fused_rms_norm_forward, module)
+            count += 1
+    return count
