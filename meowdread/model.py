@@ -288,9 +288,8 @@ class QLoraModule(pl.LightningModule):
                 "model.optimizer.init_args.lr, or look for odd examples in data.corpus"
             )
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, scale)  # one kernel launch for the 256 LoRA tensors of Phi-3-mini, not 256
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         self.log("train/trained_tokens", tokens, reduce_fx="sum", sync_dist=False)
         self._window_loss = torch.zeros((), device=loss.device)

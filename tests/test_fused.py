@@ -6,7 +6,6 @@ import torch
 from meowdread.fused import LoraLinear4bit, apply_fused_lora, apply_fused_norms
 from meowdread.model import LoraSettings, QLoraModule
 
-from .test_cli import cli
 from .test_model import TINY, batch_of
 
 REPLIES = ("I fits, therefore I sits.", "The void fits too, and it is very large " * 3)
@@ -52,13 +51,16 @@ def test_the_fused_step_gives_peft_s_loss_and_gradients(tokenizer, dropout, chec
     assert_same_step(step(fused, batch), step(plain, batch))
 
 
-def test_the_fused_function_matches_autograd_through_the_plain_formula():
-    """The hand-written backward against autograd on ``x W^T + s (xd A^T) B^T`` in fp32, W dequantized."""
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_the_fused_function_matches_autograd_through_the_plain_formula(double_quant):
+    """The hand-written backward against autograd on ``x W^T + s (xd A^T) B^T`` in fp32, W dequantized by
+    bitsandbytes itself (the fused path keeps a double-quantized weight's block scales dequantized)."""
     import bitsandbytes.functional as bnbf
 
     torch.manual_seed(0)
     w = torch.randn(48, 64) / 8
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    assert state.nested == double_quant
     x = torch.randn(2, 5, 64, requires_grad=True)
     a = (torch.randn(4, 64) / 8).requires_grad_()
     b = (torch.randn(48, 4) / 8).requires_grad_()
@@ -83,10 +85,3 @@ def test_other_adapters_and_disabled_adapters_take_peft_s_forward(tokenizer):
     with torch.no_grad(), fused.model.disable_adapter(), plain.model.disable_adapter():
         torch.testing.assert_close(fused(batch["input_ids"]), plain(batch["input_ids"]), rtol=2e-2, atol=2e-2)
     assert apply_fused_lora(fused.model) == 8 and apply_fused_norms(fused.model) == 0  # nothing wrapped twice
-
-
-def test_kernels_fused_through_the_cli(tmp_path):
-    cli("fit", tmp_path, "--model.kernels", "fused", "--trainer.max_epochs", "1")
-    run = tmp_path / "lightning_logs" / "version_0"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert "kernels: fused" in (run / "config.yaml").read_text()

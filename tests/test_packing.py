@@ -93,11 +93,13 @@ def test_after_a_packed_step_padded_calls_attend_as_before(tokenizer):
     torch.testing.assert_close(after, before)
 
 
-def test_padding_free_fit_through_the_cli(tmp_path):
-    cli("fit", tmp_path, "--data.padding_free", "true", "--trainer.max_epochs", "1")
+def test_the_gpu_configs_speed_settings_fit_through_the_cli(tmp_path):
+    """``data.padding_free`` and ``model.kernels: fused``, as configs/phi3_qlora.yaml sets them."""
+    cli("fit", tmp_path, "--data.padding_free", "true", "--model.kernels", "fused", "--trainer.max_epochs", "1")
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert "padding_free: true" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()
+    assert "padding_free: true" in config and "kernels: fused" in config
 
 
 def test_neftune_refuses_padding_free_batches(tmp_path, capsys):
