@@ -286,9 +286,10 @@ class ProfileSteps:
                     averages = self.prof.key_averages()
                     # Kernels only: a user annotation on the GPU timeline (Lightning's "Optimizer.step#AdamW.step")
                     # spans kernels that are counted already.
+                    cuda = torch.autograd.DeviceType.CUDA
                     kernels = [
                         e for e in self.prof.events()
-                        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                        if e.device_type == cuda and not getattr(e, "is_user_annotation", False)
                     ]  # fmt: skip
                     busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
                     head = (
