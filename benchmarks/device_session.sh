@@ -12,10 +12,12 @@
 #   bash benchmarks/device_session.sh smollm2 PART_AB_AC_DIR OUT     # join, install, benchmarks/smollm2_gpu.sh
 #   bash benchmarks/device_session.sh speed TRL_LIGER_DIR OUT        # whole fits, then bench.py rows
 #   bash benchmarks/device_session.sh unsloth UNSLOTH_DIR OUT        # the Unsloth row on bench.py's examples
-# The benchmark call of benchmarks/results/h200-2026-12-01-call3 (every row in one lease), three calls:
+# The benchmark call of benchmarks/results/h200-2026-12-01-call3 (every row in one lease), four calls:
 #   bash benchmarks/device_session.sh rows "SITE_DIR TRL_LIGER_DIR" OUT  # fresh machine: whole fit, meowdread rows
-#   bash benchmarks/device_session.sh peers - OUT                        # TRL rows, sampling, GPU tests
+#   bash benchmarks/device_session.sh tests - OUT                        # the GPU tests
+#   bash benchmarks/device_session.sh peers - OUT                        # TRL rows, sampling, batch 48
 #   bash benchmarks/device_session.sh unsloth UNSLOTH_DIR OUT
+# (then, here: cat the three bench.jsonl into one and `bench.py --render` it)
 set -uo pipefail
 stage=$1 from=$2 out=${3:-}
 D=/tmp/dev
@@ -62,13 +64,16 @@ rows)
     meowdread:phi3_qlora-compile-ckpt29 --profile phi3_qlora 2>&1 | grep -v -i "warn" >"$out/bench.log"
   tail -30 "$out/bench.md"
   log done ;;
-peers)
-  log "TRL rows and sampling"
-  timeout 300 python3 benchmarks/bench.py --out "$out" --steps 25 --cases trl-reference trl-tuned trl-liger \
-    sampling-static 2>&1 | grep -v -i "warn" >"$out/bench-peers.log"
-  log "GPU tests"
+tests)
+  mkdir -p "$out"
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "DEBUG" | tail -15 \
-    | tee "$out/pytest-gpu.log"
+    | tee "$out/pytest-gpu.log" ;;
+peers)
+  mkdir -p "$out"
+  log "TRL rows, sampling, batch 48"
+  timeout 330 python3 benchmarks/bench.py --out "$out" --steps 25 --cases trl-reference trl-tuned trl-liger \
+    sampling-static meowdread:phi3_qlora-b48 2>&1 | grep -v -i "warn" >"$out/bench-peers.log"
+  tail -14 "$out/bench.md"
   log done ;;
 unsloth)
   python3 -m pip install -q --no-deps --no-index --target /tmp/usite "$from"/*.whl || exit 1

@@ -110,3 +110,37 @@ def test_neftune_refuses_padding_free_batches(tmp_path, capsys):
             "--trainer.max_epochs", "1",
         )  # fmt: skip
     assert "NEFTune scales its noise by each sequence's length" in capsys.readouterr().err
+
+
+def test_padding_free_and_fused_layers_on_a_grouped_query_model_with_biases(tmp_path, tokenizer):
+    """A tiny Qwen2 (4 query heads sharing 2 key/value heads; q, k and v projections with a bias): the packed,
+    fused step against the padded step of peft's own layers."""
+    from .conftest import CORPUS
+    from .tiny_models import build_model_dir, build_tokenizer
+
+    directory = build_model_dir("qwen2", CORPUS, tmp_path / "qwen2")
+    qwen_tokenizer = build_tokenizer("qwen2", CORPUS)
+    examples = examples_of(qwen_tokenizer)
+
+    def run(kernels, batch):
+        torch.manual_seed(0)
+        module = QLoraModule(
+            pretrained=str(directory), lora=LoraSettings(dropout=0.0), gradient_checkpointing=True, kernels=kernels
+        )
+        module.configure_model()
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name or name.endswith("base_layer.bias"):
+                p.data.normal_(0, 0.05)  # (transformers initialises biases to zero, which would test nothing)
+        fused = [m for m in module.model.modules() if hasattr(m, "_meowdread_peft_forward")]
+        assert len(fused) == (2 * 7 if kernels == "fused" else 0)
+        assert kernels == "torch" or any(m.get_base_layer().bias is not None for m in fused)
+        module.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(module, batch)
+
+    padded = run("torch", collate(examples, pad_id=qwen_tokenizer.pad_token_id))
+    packed = run("fused", collate_packed(examples))
+    torch.testing.assert_close(packed[0], padded[0], rtol=5e-3, atol=0)
+    assert packed[1] == padded[1]
+    for key, grad in padded[2].items():
+        assert (packed[2][key] - grad).norm() < 0.03 * grad.norm(), key
