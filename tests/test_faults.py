@@ -163,6 +163,7 @@ SLURM = {  # what srun sets for a one-task job, so that Lightning runs in its SL
 }
 
 
+@pytest.mark.slow  # a real fit in a subprocess, ~11 s: with the other signal tests in the slow tier
 def test_under_slurm_lightning_keeps_its_requeue_signal_and_sigterm_still_saves(small_run):
     save_dir = small_run / "slurm"
     env = os.environ | SLURM | {"PATH": os.environ["PATH"]}

@@ -95,7 +95,12 @@ def test_after_a_packed_step_padded_calls_attend_as_before(tokenizer):
 
 def test_the_gpu_configs_speed_settings_fit_through_the_cli(tmp_path):
     """``data.padding_free`` and ``model.kernels: fused``, as configs/phi3_qlora.yaml sets them."""
-    cli("fit", tmp_path, "--data.padding_free", "true", "--model.kernels", "fused", "--trainer.max_epochs", "1")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Why do I sit?\nWhat is the void?\n", encoding="utf-8")  # two: samples are not tested here
+    cli(
+        "fit", tmp_path, "--data.padding_free", "true", "--model.kernels", "fused", "--trainer.max_epochs", "1",
+        "--data.prompts", str(prompts),
+    )  # fmt: skip
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     config = (run / "config.yaml").read_text()
