@@ -12,8 +12,9 @@ product). Dropout stays peft's own module, called the same way, so the masks are
 RMSNorms of the Llama form (``weight * normalize(x.float()).to(dtype)``: Phi-3, Llama, Qwen2, Mistral) run
 through ``F.rms_norm``, which on CUDA is one fused kernel each way instead of about eight.
 
-Layers or calls that are not plain LoRA on a bitsandbytes 4-bit layer (DoRA and other variants, a LoRA bias,
-several active adapters, a disabled or merged adapter) take peft's own forward, unchanged. Tests compare loss
+Calls without autograd (validation, sampling) and layers or calls that are not plain LoRA on a bitsandbytes
+4-bit layer (DoRA and other variants, a LoRA bias, several active adapters, a disabled or merged adapter)
+take peft's own forward, unchanged. Tests compare loss
 and gradients with peft's step (``tests/test_fused.py``).
 """
 
@@ -111,7 +112,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 
 
 def _plain_adapter(layer, args, kwargs) -> str | None:
-    """The one active adapter if this call is plain LoRA on a 4-bit base, else None (peft's forward runs)."""
+    """The one active adapter if this call is plain LoRA on a 4-bit base with autograd on, else None (peft's
+    forward runs: without autograd, bitsandbytes' own inference kernels, which for the few rows of a decoding
+    step read the 4-bit weight instead of dequantizing it)."""
+    if not torch.is_grad_enabled():
+        return None
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     adapter = layer.active_adapters[0]

@@ -2,7 +2,8 @@
 
 The research surface is small on purpose. ``training_step``, ``validation_step`` and ``test_step`` call
 :meth:`QLoraModule.model_step` with the stage (``"train"``, ``"val"``, ``"test"``), which embeds the input
-(:meth:`~QLoraModule.embed`), runs the model, and calls :meth:`~QLoraModule.compute_loss`. Override one of
+(:meth:`~QLoraModule.embed`), runs the model (with :meth:`~QLoraModule.attention_kwargs`, which a
+padding-free batch needs), and calls :meth:`~QLoraModule.compute_loss`. Override one of
 these in a subclass, and run it with ``--model my_pkg.MyModule``; its own ``__init__`` arguments become
 options and hyperparameters (see ``examples/``).
 
@@ -93,10 +94,10 @@ class QLoraModule(pl.LightningModule):
         compile: ``torch.compile`` each decoder layer for training (regional compilation: one graph reused by
             every layer; validation and sampling stay eager). Fuses the many small kernels of norms, LoRA and
             bitsandbytes between the matmuls; needs Triton on a GPU (a C++ compiler on the CPU).
-        kernels: ``fused`` runs each 4-bit LoRA layer as one autograd function and the RMSNorms as one
-            kernel (:mod:`meowdread.fused`; any device); ``liger`` adds Liger's fused Triton RMSNorm and SwiGLU
-            for Phi-3 instead of the norms (``compile: false``; needs ``liger-kernel`` and a CUDA GPU);
-            ``torch`` keeps peft's and transformers' own modules.
+        kernels: ``fused`` runs each 4-bit LoRA layer as one autograd function in training calls and each
+            RMSNorm as one kernel (:mod:`meowdread.fused`; any device); ``liger`` runs the same LoRA layers
+            with Liger's Triton RMSNorm and SwiGLU for Phi-3 (needs ``liger-kernel`` and a CUDA GPU);
+            ``torch`` keeps peft's and transformers' own modules, and is what ``compile`` needs.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.
         scheduler: built with the optimizer and the run's total optimizer steps.
         sampling: how ``predict`` (and by default the sample callback) samples answers.

@@ -77,11 +77,21 @@ def test_the_fused_function_matches_autograd_through_the_plain_formula(double_qu
             torch.testing.assert_close(got, want)
 
 
-def test_other_adapters_and_disabled_adapters_take_peft_s_forward(tokenizer):
-    """The fused function is plain LoRA on one active adapter; inside disable_adapter() it is the base alone."""
+def test_disabled_adapters_and_calls_without_autograd_take_peft_s_forward(tokenizer, monkeypatch):
+    """The fused function is plain LoRA on one active adapter, for training calls: inside disable_adapter()
+    the layer is the base alone, and without autograd bitsandbytes' inference kernels run."""
     batch = batch_of(tokenizer, *REPLIES)
     fused = module_with("fused")
     plain = module_with("torch")
-    with torch.no_grad(), fused.model.disable_adapter(), plain.model.disable_adapter():
+    calls = []
+    apply = LoraLinear4bit.apply
+    monkeypatch.setattr(LoraLinear4bit, "apply", lambda *args: calls.append(len(args)) or apply(*args))
+    with torch.no_grad():
         torch.testing.assert_close(fused(batch["input_ids"]), plain(batch["input_ids"]), rtol=2e-2, atol=2e-2)
+    assert calls == []
+    with fused.model.disable_adapter(), plain.model.disable_adapter():
+        torch.testing.assert_close(fused(batch["input_ids"]), plain(batch["input_ids"]), rtol=2e-2, atol=2e-2)
+    assert calls == []
+    fused(batch["input_ids"])
+    assert len(calls) == 8  # a training call: every adapted layer
     assert apply_fused_lora(fused.model) == 8 and apply_fused_norms(fused.model) == 0  # nothing wrapped twice
