@@ -33,6 +33,7 @@ from meowdread.data import load_tokenizer, read_prompts
 from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
 from meowdread.model_files import check_model_files
 from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
+from meowdread.packing import packable
 from meowdread.speed import check_kernels
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,13 @@ def check_machine(config: Any) -> None:
             raise ConfigError("model.compile", f"true compiles for CUDA, and {CPU_HINT} (or model.compile false)")
         if importlib.util.find_spec("triton") is None:
             raise ConfigError("model.compile", "true needs Triton: pip install triton, or model.compile false")
-    check_attention(str(option(config, "model.attn_implementation")), on_cpu=_on_cpu(config))
+    attention = str(option(config, "model.attn_implementation"))
+    check_attention(attention, on_cpu=_on_cpu(config))
+    if option(config, "data.padding_free") is True and not packable(attention):
+        raise ConfigError(
+            "data.padding_free",
+            f"true needs attention that keeps packed examples apart: sdpa, eager or FlashAttention, not {attention!r}",
+        )
 
 
 def check_attention(name: str, on_cpu: bool) -> None:

@@ -81,12 +81,12 @@ def make_packable(base: torch.nn.Module) -> None:
 
     config = base.config
     wrapped = config._attn_implementation
-    if wrapped.startswith("packable_") or "flash" in wrapped:
+    if wrapped.startswith("packable_") or wrapped.startswith("flash_attention"):
         return
-    if wrapped not in ALL_ATTENTION_FUNCTIONS and wrapped != "eager":
+    if not packable(wrapped):
         raise ValueError(
-            f"data.padding_free: the attention implementation {wrapped!r} cannot keep packed examples apart; "
-            "use model.attn_implementation sdpa"
+            f"data.padding_free: true needs attention that keeps packed examples apart: sdpa, eager or "
+            f"FlashAttention, not {wrapped!r}"
         )
     name = f"packable_{wrapped}"
     if name not in ALL_ATTENTION_FUNCTIONS:
@@ -94,6 +94,11 @@ def make_packable(base: torch.nn.Module) -> None:
         AttentionInterface.register(name, functools.partial(_packable_attention, fallback=fallback))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
     config._attn_implementation = name
+
+
+def packable(attention: str) -> bool:
+    """Whether padding-free rows can run with the transformers attention implementation ``attention``."""
+    return attention in ("sdpa", "eager", "None") or attention.startswith("flash_attention")
 
 
 def _packable_attention(module, query, key, value, attention_mask, *, fallback, **kwargs):

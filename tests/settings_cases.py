@@ -36,6 +36,10 @@ option_case("`max_steps` 0", "--trainer.max_steps", "0")
 option_case("`limit_train_batches` 0", "--trainer.limit_train_batches", "0")
 option_case("`trainer.devices` 0", "--trainer.devices", "0")
 option_case("an unknown attention backend", "--model.attn_implementation", "sdpaa")
+option_case(
+    "padding-free batches with flex attention",
+    "--data.padding_free", "true", "--model.attn_implementation", "flex_attention",
+)  # fmt: skip
 
 
 @case("a callback option out of range")

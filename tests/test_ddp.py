@@ -68,6 +68,8 @@ def fit(root, *extra: str) -> str:
         # counts from the first step, so that its all-rank token count is checked
         "--trainer.callbacks+=meowdread.callbacks.SpeedMonitor",
         "--trainer.callbacks.warmup_steps", "0",
+        # the GPU configs' speed settings (configs/ddp.yaml has them): the one-process reference has them too
+        "--data.padding_free", "true", "--model.kernels", "fused",
         *extra,
     )  # fmt: skip
 
