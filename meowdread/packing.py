@@ -112,40 +112,62 @@ def _packable_attention(module, query, key, value, attention_mask, *, fallback, 
         return fallback(module, query, key, value, attention_mask, **kwargs)
     if module.training and getattr(module, "attention_dropout", 0.0):
         raise ValueError("data.padding_free: attention dropout is not supported on packed rows")
+    longest, window = kwargs["max_length_q"], kwargs.get("sliding_window")
+    if window is not None and longest <= window:
+        window = None  # no example is long enough for the window to leave anything out
     scale = kwargs.get("scaling", getattr(module, "scaling", None))
     # transformers passes (batch 1, heads, tokens, head_dim); the kernels want (tokens, heads, head_dim).
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves several query heads
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen() is not None:
-        out = _varlen()(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_k"], scale=scale)
+        out = _varlen_attention(q, k, v, cu, longest, scale, window)
     else:
-        out = _per_example_attention(q, k, v, cu, scale)
+        out = _per_example_attention(q, k, v, cu, scale, window)
     return out.unsqueeze(0), None
 
 
-def _per_example_attention(q, k, v, cu, scale):
-    """Causal SDPA over each example alone: the reference, and the path without a variable-length kernel."""
-    bounds = cu.tolist()
-    parts = [
-        F.scaled_dot_product_attention(
-            *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale
-        ).transpose(0, 1)
-        for s, e in itertools.pairwise(bounds)
-    ]
+def _per_example_attention(q, k, v, cu, scale, window=None):
+    """Causal SDPA over each example alone (within the last ``window`` positions, as transformers' sliding
+    window mask): the reference, and the path without a variable-length kernel."""
+    parts = []
+    for s, e in itertools.pairwise(cu.tolist()):
+        mask = None
+        if window is not None and e - s > window:
+            mask = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril().triu(1 - window)
+        parts.append(
+            F.scaled_dot_product_attention(
+                *(t[s:e].transpose(0, 1) for t in (q, k, v)), attn_mask=mask, is_causal=mask is None, scale=scale
+            ).transpose(0, 1)
+        )
     return torch.cat(parts)
+
+
+def _varlen_attention(q, k, v, cu, longest, scale, window):
+    """PyTorch's variable-length FlashAttention, causal, within a sliding ``window`` when one is given."""
+    varlen, style = _varlen()
+    if style == "window":
+        left = -1 if window is None else window - 1  # the window counts the position itself
+        return varlen(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(left, 0))
+    if window is not None:
+        raise ValueError(
+            f"data.padding_free: this torch's varlen_attn has no sliding window, and an example of {longest} "
+            f"tokens is longer than the model's ({window}); set data.max_length to at most {window}"
+        )
+    return varlen(q, k, v, cu, cu, longest, longest, scale=scale, is_causal=True)
 
 
 @functools.cache
 def _varlen():
-    """Causal ``varlen_attn`` of this torch (2.10+: a left-only window; 2.9: ``is_causal``), or None."""
+    """``torch.nn.attention.varlen.varlen_attn`` and how it is made causal (2.10+: a left-only window, 2.9:
+    ``is_causal``), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        return functools.partial(varlen_attn, window_size=(-1, 0))
+    if "window_size" in params and "scale" in params:
+        return varlen_attn, "window"
     if "is_causal" in params and "scale" in params:
-        return functools.partial(varlen_attn, is_causal=True)
+        return varlen_attn, "is_causal"
     return None

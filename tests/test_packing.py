@@ -77,6 +77,29 @@ def test_the_padding_free_step_gives_the_padded_steps_loss_and_gradients(tokeniz
         assert (packed[2][key] - grad).norm() < 0.02 * grad.norm(), key
 
 
+def test_a_sliding_window_is_kept_inside_each_example(tokenizer):
+    """Phi-3-mini-4k attends within 2,047 positions. With a window of 6 here, the packed step (a banded mask per
+    example) must give the padded step's (transformers' sliding-window mask) loss and gradients."""
+    torch.manual_seed(0)
+    module = QLoraModule(pretrained=TINY, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False)
+    module.configure_model()
+    module.model.config.sliding_window = 6
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    module.train()
+    examples = examples_of(tokenizer)
+    assert min(len(e["input_ids"]) for e in examples) > 6
+    padded = step(module, collate(examples, pad_id=tokenizer.pad_token_id))
+    packed = step(module, collate_packed(examples))
+    torch.testing.assert_close(packed[0], padded[0], rtol=2e-3, atol=1e-3)
+    for key, grad in padded[2].items():
+        assert (packed[2][key] - grad).norm() < 0.02 * grad.norm(), key
+    module.model.config.sliding_window = None
+    unwindowed = step(module, collate(examples, pad_id=tokenizer.pad_token_id))
+    assert not torch.allclose(unwindowed[0], padded[0], rtol=2e-3)  # the window changes the loss: it is tested
+
+
 def test_after_a_packed_step_padded_calls_attend_as_before(tokenizer):
     """The packable attention passes every call without example boundaries to the wrapped implementation."""
     torch.manual_seed(0)
