@@ -32,8 +32,8 @@ from meowdread.checkpoints import load_checkpoint_file
 from meowdread.data import load_tokenizer, read_prompts
 from meowdread.embedded import EMBEDDED_PREFIX, TINY_PHI3, resolve_pretrained
 from meowdread.model_files import check_model_files
-from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
 from meowdread.packing import packable
+from meowdread.ranges import CALLBACK_RANGES, RANGES, ConfigError, check_value, option
 from meowdread.speed import check_kernels
 
 log = logging.getLogger(__name__)
