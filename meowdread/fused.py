@@ -3,7 +3,8 @@
 peft's 4-bit LoRA layer runs the frozen matmul through bitsandbytes and then, as separate autograd nodes,
 a defensive copy of its output, the two LoRA matmuls, a scaling and an add: four passes over an output that is
 up to 16,384 wide, forward, recompute and backward, in each of the 128 adapted layers of Phi-3-mini. The eager
-step is bound by such memory-bound kernels (benchmarks/NOTES.md). :class:`LoraLinear4bit` computes the same
+step pays for them twice: in launches and Python, which bound it at batch 32, and in memory traffic, which
+bounds it at batch 64 (benchmarks/NOTES.md). :class:`LoraLinear4bit` computes the same
 ``x W^T + s (dropout(x) A^T) B^T`` with the LoRA product accumulated into the frozen one by ``addmm_``, and a
 backward written out: ``dx = g W + s (g B) A``, ``dA = s (g B)^T dropout(x)``, ``dB = s g^T (dropout(x) A^T)``,
 the weight dequantized again rather than kept. It saves what peft saves (the dropped-out input and the rank-r
@@ -14,8 +15,8 @@ through ``F.rms_norm``, which on CUDA is one fused kernel each way instead of ab
 
 Calls without autograd (validation, sampling) and layers or calls that are not plain LoRA on a bitsandbytes
 4-bit layer (DoRA and other variants, a LoRA bias, several active adapters, a disabled or merged adapter)
-take peft's own forward, unchanged. Tests compare loss
-and gradients with peft's step (``tests/test_fused.py``).
+take peft's own forward, unchanged. Tests compare loss and gradients with peft's step
+(``tests/test_fused.py``).
 """
 
 from __future__ import annotations
