@@ -62,8 +62,9 @@ def test_the_cuda_graph_decoder_gives_hf_generates_greedy_tokens(tokenizer):
     assert auto == hf and any(auto)  # a random tiny model may end an answer at once
 
 
-def _loss_and_lora_grads(tokenizer, padding_free=False, **settings):
-    """One bf16-mixed training step of the tiny Phi-3 on CUDA, from the same LoRA weights."""
+def _loss_and_lora_grads(tokenizer, padding_free=False, sliding_window=None, **settings):
+    """One bf16-mixed training step of the tiny Phi-3 on CUDA, from the same LoRA weights (and, with
+    ``sliding_window``, attention within that many positions, as Phi-3-mini-4k's 2,047)."""
     from meowdread.chat_format import ChatFormat
     from meowdread.data import collate
     from meowdread.model import LoraSettings, QLoraModule
@@ -72,6 +73,7 @@ def _loss_and_lora_grads(tokenizer, padding_free=False, **settings):
     torch.manual_seed(0)
     module = QLoraModule(pretrained="embedded:tiny-phi3", lora=LoraSettings(dropout=0.0), **settings)
     module.configure_model(device="cuda")
+    module.model.config.sliding_window = sliding_window
     for name, p in module.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -99,6 +101,7 @@ def _loss_and_lora_grads(tokenizer, padding_free=False, **settings):
         dict(padding_free=True),
         dict(padding_free=True, compile=True),
         dict(padding_free=True, gradient_checkpointing=True, kernels="fused"),
+        dict(padding_free=True, sliding_window=8),
     ],
     ids=[
         "liger",
@@ -107,6 +110,7 @@ def _loss_and_lora_grads(tokenizer, padding_free=False, **settings):
         "padding-free",
         "padding-free-compile",
         "padding-free-checkpointed-fused",
+        "padding-free-sliding-window",
     ],  # fmt: skip
 )
 def test_the_fast_gpu_step_gives_the_plain_steps_loss_and_gradients(tokenizer, fast):
@@ -119,7 +123,8 @@ def test_the_fast_gpu_step_gives_the_plain_steps_loss_and_gradients(tokenizer, f
 
         assert _varlen() is not None, "this torch has no torch.nn.attention.varlen kernel"
     torch._dynamo.reset()
-    plain_loss, plain = _loss_and_lora_grads(tokenizer, gradient_checkpointing=False)
+    window = fast.get("sliding_window")  # the padded reference attends within the same window
+    plain_loss, plain = _loss_and_lora_grads(tokenizer, gradient_checkpointing=False, sliding_window=window)
     fast_loss, grads = _loss_and_lora_grads(tokenizer, **{"gradient_checkpointing": False, **fast})
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-2, atol=0)
     for key, grad in plain.items():
