@@ -28,15 +28,15 @@ import torch.nn.functional as F
 
 
 class LoraLinear4bit(torch.autograd.Function):
-    """``x W^T (+ bias) + scaling * (xd A^T) B^T`` for a frozen NF4/FP4 ``W``; ``xd`` is ``x`` after LoRA dropout
-    (or ``x`` itself, passed as None). Returns the output in ``x``'s dtype."""
+    """``x W^T (+ bias) + scaling * (xd A^T) B^T`` for a frozen NF4/FP4 ``W``, the frozen product in
+    ``base_dtype`` and the LoRA branch in ``lora_dtype``; ``xd`` is ``x`` after LoRA dropout (or ``x`` itself,
+    passed as None). Returns the output in ``x``'s dtype."""
 
     @staticmethod
-    def forward(ctx, x, xd, packed, quant_state, bias, lora_A, lora_B, scaling, lora_dtype):
-        base_dtype = quant_state.dtype
+    def forward(ctx, x, xd, packed, quant_state, bias, lora_A, lora_B, scaling, lora_dtype, base_dtype):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(base_dtype)
-        weight = dequantize(packed, quant_state)
+        weight = dequantize(packed, quant_state).to(base_dtype)
         out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(base_dtype), x2, weight.t())
         del weight
         xd2 = x.reshape(-1, shape[-1]) if xd is None else xd.reshape(-1, shape[-1])
@@ -48,7 +48,7 @@ class LoraLinear4bit(torch.autograd.Function):
         else:  # no autocast: peft computes the LoRA branch in the adapter's dtype, then adds it in the base's
             out = out + (torch.mm(h, b.t()) * scaling).to(out.dtype)
         ctx.save_for_backward(xd2, h, packed, a, b)
-        ctx.quant_state, ctx.scaling, ctx.separate_xd = quant_state, scaling, xd is not None
+        ctx.quant_state, ctx.scaling, ctx.separate_xd, ctx.base_dtype = quant_state, scaling, xd is not None, base_dtype
         ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = shape, x.dtype, (lora_A.dtype, lora_B.dtype)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
 
@@ -57,7 +57,7 @@ class LoraLinear4bit(torch.autograd.Function):
         xd2, h, packed, a, b = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        weight = dequantize(packed, ctx.quant_state)
+        weight = dequantize(packed, ctx.quant_state).to(ctx.base_dtype)
         grad_x = torch.mm(g.to(weight.dtype), weight)
         del weight
         gl = g.to(h.dtype)
@@ -72,7 +72,7 @@ class LoraLinear4bit(torch.autograd.Function):
         else:
             grad_x = grad_x + (torch.mm(gb, a) * s).to(grad_x.dtype)
         grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
+        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None, None
 
 
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
@@ -106,9 +106,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         lora_dtype = torch.get_autocast_dtype(x.device.type)
     else:
         lora_dtype = lora_A.dtype
+    state = base.weight.quant_state
+    base_dtype = getattr(base, "compute_dtype", None) or state.dtype  # what bitsandbytes' layer computes in
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinear4bit.apply(
-            x, xd, base.weight, base.weight.quant_state, base.bias, lora_A, lora_B, self.scaling[adapter], lora_dtype
+            x, xd, base.weight, state, base.bias, lora_A, lora_B, self.scaling[adapter], lora_dtype, base_dtype
         )
 
 

@@ -67,7 +67,7 @@ def test_the_fused_function_matches_autograd_through_the_plain_formula(double_qu
     g = torch.randn(2, 5, 48)
     for dropout in (False, True):
         xd = torch.nn.functional.dropout(x, 0.5, training=True) if dropout else None
-        out = LoraLinear4bit.apply(x, xd, packed, state, None, a, b, 2.0, torch.float32)
+        out = LoraLinear4bit.apply(x, xd, packed, state, None, a, b, 2.0, torch.float32, torch.float32)
         fused = torch.autograd.grad(out, (x, a, b), g, retain_graph=True)
         dense = bnbf.dequantize_4bit(packed, state)
         ref_out = x @ dense.t() + 2.0 * ((x if xd is None else xd) @ a.t()) @ b.t()
