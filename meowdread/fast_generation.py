@@ -21,6 +21,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from meowdread.fused import is_llama_rms_norm
+
 log = logging.getLogger(__name__)
 
 
@@ -171,9 +173,10 @@ class MergedPhi3:
 
 
 def _rms_norm(norm: torch.nn.Module, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``norm(h)`` in ``dtype``: ``F.rms_norm`` for transformers' ``Phi3RMSNorm``, the module's own forward for
-    anything else (Liger's, one wrapped by an adapter, a norm of another formula)."""
-    if type(norm).__name__ == "Phi3RMSNorm" and type(norm).__module__.startswith("transformers."):
+    """``norm(h)`` in ``dtype``: ``F.rms_norm`` for transformers' RMSNorms of that formula
+    (:func:`meowdread.fused.is_llama_rms_norm`), the module's own forward for anything else (Liger's, one
+    wrapped by an adapter, a norm of another formula)."""
+    if is_llama_rms_norm(norm):
         # Normalised in fp32, rounded to h's dtype, then scaled by the weight: HF's order (and ATen's for
         # rms_norm's composite; on CUDA the fused kernel scales before it rounds, a last-bit difference).
         return F.rms_norm(h, norm.weight.shape, norm.weight.to(h.dtype), norm.variance_epsilon).to(dtype)

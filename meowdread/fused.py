@@ -141,11 +141,13 @@ def _fused_rms_norm_forward(self, hidden_states):
 
 
 def is_llama_rms_norm(module: torch.nn.Module) -> bool:
-    """An RMSNorm of transformers' Llama form (a ``weight`` and ``variance_epsilon``, no offset or bias)."""
-    name = type(module).__name__
+    """transformers' own RMSNorm of the Llama form (``weight * normalize(x.float()).to(dtype)``, no offset or
+    bias), whose output ``F.rms_norm`` computes; Liger's and other replacements are not."""
+    kind = type(module)
     return (
-        name.endswith("RMSNorm")
-        and name.removesuffix("RMSNorm") in ("Phi3", "Llama", "Qwen2", "Mistral")
+        kind.__module__.startswith("transformers.")
+        and kind.__name__.removesuffix("RMSNorm") in ("Phi3", "Llama", "Qwen2", "Mistral")
+        and kind.__name__.endswith("RMSNorm")
         and hasattr(module, "variance_epsilon")
         and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
     )
