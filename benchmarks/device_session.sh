@@ -18,6 +18,8 @@
 #   bash benchmarks/device_session.sh peers - OUT                        # TRL rows, sampling, batch 48
 #   bash benchmarks/device_session.sh unsloth UNSLOTH_DIR OUT
 # (then, here: cat the three bench.jsonl into one and `bench.py --render` it)
+# The lease of benchmarks/results/h200-2026-12-01-call5: a short check first, then the four stages above.
+#   bash benchmarks/device_session.sh check SITE_DIR OUT      # kernel tests, two rows, the shipped step's profile
 set -uo pipefail
 stage=$1 from=$2 out=${3:-}
 D=/tmp/dev
@@ -49,17 +51,30 @@ speed)
     meowdread:phi3_qlora meowdread:phi3_qlora-b64 meowdread:phi3_qlora-b48 meowdread:phi3_qlora-b64-liger \
     trl-liger meowdread:phi3_qlora-b64-compile 2>&1 | grep -v -i "warn" | tee "$out/bench.log" | tail -30
   log done ;;
+check)
+  mkdir -p "$out" && rm -rf $D/site && cp -r "$from" $D/site || exit 1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused or triton or padding" 2>&1 \
+    | grep -v "DEBUG" | tail -15 | tee "$out/pytest-gpu.log"
+  log "build embedded:phi3-mini-random"
+  time python3 -m meowdread.embedded phi3-mini-random
+  timeout 300 python3 benchmarks/bench.py --out "$out" --steps 25 --cases meowdread:phi3_qlora \
+    meowdread:phi3_qlora-lora-only --profile phi3_qlora 2>&1 | grep -v -i "warn" >"$out/bench.log"
+  tail -6 "$out/bench.md" && head -1 "$out/profile-phi3_qlora.txt"
+  log done ;;
 rows)
   read -r site trl_liger <<<"$from"
-  mkdir -p "$out" && cp -r "$site" $D/site && python3 -m pip install -q --no-deps --no-index --target $D/site "$trl_liger"/*.whl || exit 1
+  mkdir -p "$out" && rm -rf $D/site && cp -r "$site" $D/site && python3 -m pip install -q --no-deps --no-index --target $D/site "$trl_liger"/*.whl || exit 1
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
   log "build embedded:phi3-mini-random"
   time python3 -m meowdread.embedded phi3-mini-random
   log "whole fit, configs/phi3_qlora.yaml as shipped"
-  timeout 120 bash benchmarks/whole_fit.sh "$out" phi3_qlora
+  # an empty Triton cache: a fresh machine compiles meowdread's kernels in its first fit
+  TRITON_CACHE_DIR=$(mktemp -d) timeout 120 bash benchmarks/whole_fit.sh "$out" phi3_qlora
   log "bench rows"
   timeout 420 python3 benchmarks/bench.py --out "$out" --steps 25 --cases dump-examples \
-    meowdread:phi3_qlora meowdread:phi3_qlora-before meowdread:phi3_qlora-torch meowdread:phi3_qlora-b64 \
+    meowdread:phi3_qlora meowdread:phi3_qlora-before meowdread:phi3_qlora-torch meowdread:phi3_qlora-lora-only \
+    meowdread:phi3_qlora-b64 \
     meowdread:phi3_qlora-liger meowdread:low_memory meowdread:long-b4 meowdread:long-b8 \
     meowdread:phi3_qlora-compile-ckpt29 --profile phi3_qlora 2>&1 | grep -v -i "warn" >"$out/bench.log"
   tail -30 "$out/bench.md"

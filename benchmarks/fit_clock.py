@@ -10,7 +10,9 @@ file as they end. ``whole_fit.sh`` runs it and then turns the file into a row of
 Phases: *start/load* from the process start (``FIT_START``) to ``on_fit_start`` (imports, data, loading and
 quantizing the base); *validation + samples* every validation loop (the sample callback draws its answers
 at its end) and the base model's samples before the first step; *training* the training batches of every
-epoch (synchronised at each epoch's end); *other* the rest (checkpoints, the adapter export, exit).
+epoch (synchronised at each epoch's end); *other* the rest (checkpoints, the adapter export, exit). The row
+also splits start/load at Lightning's ``setup`` (``to_setup_s``: imports, CLI, data) and gives what followed
+``fit`` (``after_fit_s``: the adapter export and the process's exit).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class PhaseClock(pl.Callback):
 
     def _write(self) -> None:
         self.path.write_text(json.dumps({"start": self.start, **self.marks, **self.phases}))
+
+    def setup(self, trainer, pl_module, stage):  # before the module's configure_model (the base's load)
+        self.marks["setup"] = self._now()
+        self._write()
+
+    def on_fit_end(self, trainer, pl_module):  # after the last checkpoint; the adapter export and exit follow
+        self.marks["fit_end"] = self._now()
+        self._write()
 
     def on_fit_start(self, trainer, pl_module):
         self.marks["fit_start"] = self._now()
@@ -98,6 +108,10 @@ def main() -> None:
         training_s=round(phases["training_s"], 1),
         validation_samples_s=round(phases["validation_samples_s"], 1),
         other_s=round(wall - known, 1),
+        # of start/load: the process start to Lightning's setup (imports, CLI, data), the rest is the base's
+        # load, quantization and LoRA; of other: what followed fit (the adapter export, exit)
+        to_setup_s=round(phases["setup"] - phases["start"], 1) if "setup" in phases else None,
+        after_fit_s=round(args.end - phases["fit_end"], 1) if "fit_end" in phases else None,
         trained_tokens_per_s=speed,
     )
     print(json.dumps(row))

@@ -13,14 +13,22 @@ product). Dropout stays peft's own module, called the same way, so the masks are
 RMSNorms of the Llama form (``weight * normalize(x.float()).to(dtype)``: Phi-3, Llama, Qwen2, Mistral) run
 through ``F.rms_norm``, which on CUDA is one fused kernel each way instead of about eight.
 
-Calls without autograd (validation, sampling) and layers or calls that are not plain LoRA on a bitsandbytes
-4-bit layer (DoRA and other variants, a LoRA bias, several active adapters, a disabled or merged adapter)
-take peft's own forward, unchanged. Tests compare loss and gradients with peft's step
+In Phi-3's attention, :class:`RotaryQKV` takes the fused ``qkv_proj`` output to rotated queries and keys and
+the values in one kernel, and its backward writes the gradient of ``qkv`` in one more (transformers' path is
+about ten elementwise kernels forward, most on strided views, and three zero-filled full-width buffers
+backward). Phi-3's MLP computes ``up * silu(gate)`` with :class:`SiluMul`, one kernel each way. On a CUDA GPU
+both are Triton kernels (:mod:`meowdread.triton_kernels`); elsewhere the same functions run in PyTorch.
+
+Calls without autograd (validation, sampling) take transformers' and peft's own forwards, and so do layers
+or calls that are not plain LoRA on a bitsandbytes 4-bit layer (DoRA and other variants, a LoRA bias,
+several active adapters, a disabled or merged adapter). Tests compare loss and gradients with peft's step
 (``tests/test_fused.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -173,4 +181,158 @@ def apply_fused_norms(base: torch.nn.Module) -> int:
             module._meowdread_own_forward = module.forward
             module.forward = types.MethodType(_fused_rms_norm_forward, module)
             count += 1
+    return count
+
+
+class RotaryQKV(torch.autograd.Function):
+    """Phi-3's fused ``qkv`` (batch, tokens, (n_q + 2 n_kv) head_dim) → queries and keys with the rotary
+    embedding applied, and values, each (batch, heads, tokens, head_dim): views of one new buffer in ``qkv``'s
+    layout, so that the attention kernels read them without a copy. The backward writes the gradient of
+    ``qkv`` in one pass (the rotation's transpose for queries and keys, a copy for values)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q, n_kv, head_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = (n_q, n_kv, head_dim)
+        return split_heads(_rotary(*split_heads(qkv, n_q, n_kv, head_dim), cos, sin), n_q, n_kv, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
+        return _rotary(*grads, cos, sin, backward=True), None, None, None, None, None
+
+
+def split_heads(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int):
+    """Views of ``qkv``'s queries, keys and values as (batch, heads, tokens, head_dim), as Phi-3 splits them."""
+    batch, tokens = qkv.shape[:2]
+    heads = qkv.view(batch, tokens, n_q + 2 * n_kv, head_dim)
+    return tuple(heads[:, :, a:b].transpose(1, 2) for a, b in ((0, n_q), (n_q, n_q + n_kv), (n_q + n_kv, None)))
+
+
+def rotary_qkv_torch(q, k, v, cos, sin, backward: bool = False) -> torch.Tensor:
+    """What :func:`meowdread.triton_kernels.rotary_qkv` computes, in PyTorch: the rotation (``backward``: its
+    transpose) of ``q`` and ``k`` over the first ``cos.shape[-1]`` dimensions in fp32, rounded once; the
+    result and ``v`` in ``qkv_proj``'s (batch, tokens, width) layout."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    c1, c2, s1, s2 = c[..., :half], c[..., half:rot], s[..., :half], s[..., half:rot]
+
+    def turn(x):
+        x1, x2 = x[..., :half].float(), x[..., half:rot].float()
+        if backward:
+            y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+        else:
+            y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        return torch.cat([y1.to(x.dtype), y2.to(x.dtype), x[..., rot:]], dim=-1)
+
+    batch, _, tokens, _ = q.shape
+    return torch.cat([t.transpose(1, 2).reshape(batch, tokens, -1) for t in (turn(q), turn(k), v)], dim=-1)
+
+
+class SiluMul(torch.autograd.Function):
+    """``up * silu(gate)`` for ``gate_up`` = [gate | up] along the last dimension (Phi-3's ``gate_up_proj``
+    output); saves only ``gate_up``."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        shape = gate_up.shape
+        flat = gate_up.reshape(-1, shape[-1]).contiguous()
+        ctx.save_for_backward(flat)
+        ctx.shape = shape
+        kernels = _triton(flat)
+        out = kernels.silu_mul(flat) if kernels else silu_mul_torch(flat)
+        return out.view(*shape[:-1], shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        grad = grad.reshape(flat.shape[0], -1).contiguous()
+        kernels = _triton(flat)
+        out = kernels.silu_mul_backward(flat, grad) if kernels else silu_mul_backward_torch(flat, grad)
+        return out.view(ctx.shape)
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (up * F.silu(gate)).to(gate_up.dtype)
+
+
+def silu_mul_backward_torch(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    g, sig = grad.float(), torch.sigmoid(gate)
+    d_gate = g * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, g * gate * sig], dim=-1).to(gate_up.dtype)
+
+
+def _rotary(q, k, v, cos, sin, backward=False):
+    kernels = _triton(q)
+    return (kernels.rotary_qkv if kernels else rotary_qkv_torch)(q, k, v, cos, sin, backward=backward)
+
+
+def _triton(tensor: torch.Tensor):
+    """:mod:`meowdread.triton_kernels` for a CUDA tensor when Triton imports, else None (PyTorch's path)."""
+    return _triton_kernels() if tensor.is_cuda else None
+
+
+@functools.cache
+def _triton_kernels():
+    try:
+        from meowdread import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _fused_phi3_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kw):
+    """Phi-3's attention with :class:`RotaryQKV`, in training calls without a KV cache; other calls (and
+    positional extras) take transformers' own forward."""
+    cache = kw.get("cache", kw.get("past_key_values"))
+    if args or cache is not None or position_embeddings is None or not torch.is_grad_enabled():
+        return self._meowdread_own_forward(hidden_states, position_embeddings, attention_mask, *args, **kw)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    kw.pop("cache", None)
+    kw.pop("past_key_values", None)
+    config = self.config
+    query, key, value = RotaryQKV.apply(
+        self.qkv_proj(hidden_states), *position_embeddings, config.num_attention_heads, self.num_key_value_heads,
+        self.head_dim,
+    )  # fmt: skip
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        config._attn_implementation, inspect.getmodule(type(self)).eager_attention_forward
+    )
+    out, weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+        sliding_window=getattr(config, "sliding_window", None), **kw,
+    )  # fmt: skip
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _fused_phi3_mlp_forward(self, hidden_states):
+    if not torch.is_grad_enabled():
+        return self._meowdread_own_forward(hidden_states)
+    return self.down_proj(SiluMul.apply(self.gate_up_proj(hidden_states)))
+
+
+def apply_fused_blocks(base: torch.nn.Module) -> int:
+    """Phi-3's attention through :class:`RotaryQKV` and its SwiGLU MLP through :class:`SiluMul`; other models'
+    attention and MLPs stay as they are. Returns how many modules changed."""
+    count = 0
+    act = getattr(base.config, "hidden_act", None)
+    for module in base.modules():
+        kind = type(module)
+        if not kind.__module__.startswith("transformers.") or hasattr(module, "_meowdread_own_forward"):
+            continue
+        if kind.__name__ == "Phi3Attention" and hasattr(module, "qkv_proj"):
+            forward = _fused_phi3_attention_forward
+        elif kind.__name__ == "Phi3MLP" and hasattr(module, "gate_up_proj") and act in ("silu", "swish"):
+            forward = _fused_phi3_mlp_forward
+        else:
+            continue
+        module._meowdread_own_forward = module.forward
+        module.forward = types.MethodType(forward, module)
+        count += 1
     return count

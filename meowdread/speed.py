@@ -67,9 +67,10 @@ def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
     if kernels == "torch":
         return
     if kernels == "fused":
-        from meowdread.fused import apply_fused_norms
+        from meowdread.fused import apply_fused_blocks, apply_fused_norms
 
         apply_fused_norms(base)
+        apply_fused_blocks(base)
         return
     config = base.config
     if config.model_type != "phi3" or config.hidden_act not in ("silu", "swish"):

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from meowdread.fused import LoraLinear4bit, apply_fused_lora, apply_fused_norms
+from meowdread.fused import (
+    LoraLinear4bit,
+    RotaryQKV,
+    SiluMul,
+    apply_fused_blocks,
+    apply_fused_lora,
+    apply_fused_norms,
+)
 from meowdread.model import LoraSettings, QLoraModule
 
 from .test_model import TINY, batch_of
@@ -46,9 +53,25 @@ def test_the_fused_step_gives_peft_s_loss_and_gradients(tokenizer, dropout, chec
     plain = module_with("torch", dropout, gradient_checkpointing=checkpointing)
     fused = module_with("fused", dropout, gradient_checkpointing=checkpointing)
     layers = [m for m in fused.model.modules() if hasattr(m, "_meowdread_peft_forward")]
-    norms = [m for m in fused.model.modules() if hasattr(m, "_meowdread_own_forward")]
-    assert len(layers) == 2 * 4 and len(norms) == 2 * 2 + 1  # 2 layers x 4 linears; 2 norms each + the final
+    changed = [type(m).__name__ for m in fused.model.modules() if hasattr(m, "_meowdread_own_forward")]
+    assert len(layers) == 2 * 4  # 2 layers x 4 linears
+    assert sorted(changed) == ["Phi3Attention"] * 2 + ["Phi3MLP"] * 2 + ["Phi3RMSNorm"] * 5  # 2 norms each + final
     assert_same_step(step(fused, batch), step(plain, batch))
+
+
+def test_the_fused_padding_free_step_gives_the_padded_step_of_peft_s_layers(tokenizer):
+    """As configs/phi3_qlora.yaml trains: packed rows (positions restarting in each example) through the fused
+    attention, MLP and LoRA layers, against padded rows through transformers' and peft's own."""
+    from meowdread.data import collate
+    from meowdread.packing import collate_packed
+
+    from .test_packing import examples_of
+
+    examples = examples_of(tokenizer)
+    # no dropout: a packed row's masks are other draws than a padded batch's
+    padded = step(module_with("torch"), collate(examples, pad_id=tokenizer.pad_token_id))
+    packed = step(module_with("fused"), collate_packed(examples))
+    assert_same_step(packed, padded)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -94,4 +117,121 @@ def test_disabled_adapters_and_calls_without_autograd_take_peft_s_forward(tokeni
     assert calls == []
     fused(batch["input_ids"])
     assert len(calls) == 8  # a training call: every adapted layer
-    assert apply_fused_lora(fused.model) == 8 and apply_fused_norms(fused.model) == 0  # nothing wrapped twice
+    # nothing wrapped twice
+    assert apply_fused_lora(fused.model) == 8 and apply_fused_norms(fused.model) == apply_fused_blocks(fused.model) == 0
+
+
+def phi3_attention(n_kv, partial, attention="sdpa"):
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3RotaryEmbedding
+
+    config = Phi3Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=n_kv,
+        partial_rotary_factor=partial, max_position_embeddings=64, attention_dropout=0.0,
+    )  # fmt: skip
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    return Phi3Attention(config, layer_idx=0), Phi3RotaryEmbedding(config)
+
+
+@pytest.mark.parametrize(("n_kv", "partial"), [(4, 1.0), (2, 1.0), (2, 0.75)])
+def test_the_fused_rotary_attention_is_transformers_phi3_attention(n_kv, partial):
+    """Grouped-query heads and a partial rotary embedding (Phi-3.5/Phi-4-mini rotate 3/4 of each head), rows
+    with their own positions: outputs and gradients of the input and of every weight, in fp32."""
+    attention, rotary = phi3_attention(n_kv, partial)
+    hidden = torch.randn(2, 7, 64, requires_grad=True)
+    positions = torch.stack([torch.arange(7), torch.arange(7) + 5])
+    cos, sin = rotary(hidden, positions)
+    assert cos.shape[-1] == int(16 * partial)  # head_dim 16
+
+    def run():
+        out, _ = attention(hidden, (cos, sin), None)
+        params = [hidden, *attention.parameters()]
+        return out, torch.autograd.grad(out, params, torch.linspace(-1, 1, out.numel()).view_as(out))
+
+    plain = run()
+    assert apply_fused_blocks(attention) == 1
+    fused = run()
+    torch.testing.assert_close(fused[0], plain[0])
+    for got, want in zip(fused[1], plain[1], strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # calls without autograd take transformers' forward
+        calls = []
+        original = RotaryQKV.apply
+        RotaryQKV.apply = lambda *a: calls.append(1) or original(*a)
+        try:
+            attention(hidden, (cos, sin), None)
+        finally:
+            RotaryQKV.apply = original
+        assert calls == []
+
+
+def test_the_rotary_function_returns_views_of_one_buffer_in_qkv_layout():
+    """What lets the attention kernels read queries, keys and values without a copy."""
+    qkv = torch.randn(1, 5, (4 + 2 * 2) * 8)
+    cos, sin = torch.rand(1, 5, 8), torch.rand(1, 5, 8)
+    q, k, v = RotaryQKV.apply(qkv, cos, sin, 4, 2, 8)
+    assert q.shape == (1, 4, 5, 8) and k.shape == v.shape == (1, 2, 5, 8)
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert q.transpose(1, 2).stride()[1:] == ((4 + 2 * 2) * 8, 8, 1)  # (tokens, heads, head_dim), as qkv's rows
+    torch.testing.assert_close(v, qkv.view(1, 5, 8, 8)[:, :, 6:].transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_is_up_times_silu_of_gate(dtype):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 4, 2 * 24) * 3).to(dtype).requires_grad_()
+    g = torch.randn(3, 4, 24).to(dtype)
+    out = SiluMul.apply(gate_up)
+    (grad,) = torch.autograd.grad(out, gate_up, g)
+    ref_in = gate_up.detach().float().requires_grad_()
+    gate, up = ref_in.chunk(2, dim=-1)
+    ref = up * torch.nn.functional.silu(gate)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, g.float())
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}  # one bf16 rounding at the end
+    torch.testing.assert_close(out.float(), ref, **tol)
+    torch.testing.assert_close(grad.float(), ref_grad, **tol)
+
+
+TRITON_CHECK = """
+import torch
+from meowdread import fused, triton_kernels as tk
+
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    exact = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # bf16: one ulp
+    for n_q, n_kv, dim, rot in ((4, 4, 16, 16), (4, 2, 16, 12), (3, 1, 12, 8)):
+        qkv = torch.randn(2, 5, (n_q + 2 * n_kv) * dim).to(dtype)
+        cos, sin = torch.rand(2, 5, rot).to(dtype), torch.rand(2, 5, rot).to(dtype)
+        q, k, v = fused.split_heads(qkv, n_q, n_kv, dim)
+        for backward in (False, True):
+            want = fused.rotary_qkv_torch(q, k, v, cos, sin, backward=backward)
+            got = tk.rotary_qkv(q, k, v, cos, sin, backward=backward)
+            torch.testing.assert_close(got, want, **exact)
+        # gradients as they come back from attention kernels: contiguous heads in (batch, heads, tokens) order
+        grads = [t.contiguous() for t in (q, k, v)]
+        torch.testing.assert_close(tk.rotary_qkv(*grads, cos[:1], sin[:1], backward=True),
+                                   fused.rotary_qkv_torch(*grads, cos[:1], sin[:1], backward=True),
+                                   **exact)
+    gate_up = (torch.randn(7, 2 * 1100) * 3).to(dtype)  # more than one column block
+    grad = torch.randn(7, 1100).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(tk.silu_mul(gate_up), fused.silu_mul_torch(gate_up), **tol)
+    torch.testing.assert_close(tk.silu_mul_backward(gate_up, grad), fused.silu_mul_backward_torch(gate_up, grad), **tol)
+print("same")
+"""
+
+
+def test_the_triton_kernels_compute_what_the_pytorch_versions_do():
+    """The GPU kernels themselves, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, which must be
+    set before Triton is imported: hence a process of its own): strided views, grouped-query and partial
+    rotary heads, both directions."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "same"

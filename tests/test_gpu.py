@@ -130,3 +130,28 @@ def test_the_fast_gpu_step_gives_the_plain_steps_loss_and_gradients(tokenizer, f
     for key, grad in plain.items():
         error = (grads[key] - grad).norm() / grad.norm()
         assert error < 5e-2, (key, error)
+
+
+def test_the_triton_kernels_compute_what_the_pytorch_versions_do_on_cuda():
+    """``kernels: fused`` on CUDA runs meowdread's Triton kernels: at Phi-3-mini's shapes (32 query and 32
+    key/value heads of 96, SwiGLU 8,192 wide), against the PyTorch versions of the same math."""
+    from meowdread import fused
+    from meowdread import triton_kernels as tk
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 300, 96 * 96, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (torch.rand(2, 300, 96, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert fused._triton(qkv) is tk
+    q, k, v = fused.split_heads(qkv, 32, 32, 96)
+    for backward in (False, True):
+        torch.testing.assert_close(
+            tk.rotary_qkv(q, k, v, cos, sin, backward=backward),
+            fused.rotary_qkv_torch(q, k, v, cos, sin, backward=backward),
+            rtol=1e-2, atol=1e-2,
+        )  # fmt: skip
+    gate_up = torch.randn(600, 2 * 8192, device="cuda", dtype=torch.bfloat16) * 3
+    grad = torch.randn(600, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(tk.silu_mul(gate_up), fused.silu_mul_torch(gate_up), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        tk.silu_mul_backward(gate_up, grad), fused.silu_mul_backward_torch(gate_up, grad), rtol=1e-2, atol=1e-2
+    )
