@@ -72,7 +72,7 @@ rows)
   # an empty Triton cache: a fresh machine compiles meowdread's kernels in its first fit
   TRITON_CACHE_DIR=$(mktemp -d) timeout 120 bash benchmarks/whole_fit.sh "$out" phi3_qlora
   log "bench rows"
-  timeout 420 python3 benchmarks/bench.py --out "$out" --steps 25 --cases dump-examples \
+  timeout 450 python3 benchmarks/bench.py --out "$out" --steps 25 --cases dump-examples \
     meowdread:phi3_qlora meowdread:phi3_qlora-before meowdread:phi3_qlora-torch meowdread:phi3_qlora-lora-only \
     meowdread:phi3_qlora-b64 \
     meowdread:phi3_qlora-liger meowdread:low_memory meowdread:long-b4 meowdread:long-b8 \
