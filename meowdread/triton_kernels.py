@@ -59,7 +59,9 @@ def _copy_heads(src, s_b, s_h, s_t, out, b, t, n_heads, D: tl.constexpr, BLOCK_H
     tl.store(out + h * D + d, tl.load(src + b * s_b + t * s_t + h * s_h + d, mask=inside), mask=inside)
 
 
-@triton.jit
+# The token count changes with every batch: one compiled kernel for all of them, not one per divisibility
+# class (Triton specialises integer arguments by default), so a first fit compiles each kernel once.
+@triton.jit(do_not_specialize=["T"])
 def _rotary_qkv_kernel(
     q, q_b, q_h, q_t, k, k_b, k_h, k_t, v, v_b, v_h, v_t,
     dst, cos, sin, c_b, c_t, T, N_Q, N_KV,
