@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,17 @@ class LoraLinear4bit(torch.autograd.Function):
     passed as None). Returns the output in ``x``'s dtype."""
 
     @staticmethod
-    def forward(ctx, x, xd, packed, quant_state, bias, lora_A, lora_B, scaling, lora_dtype, base_dtype):
+    def forward(ctx, x, xd, packed, quant_state, bias, lora_A, lora_B, scaling, lora_dtype, base_dtype, keep=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(base_dtype)
         weight = dequantize(packed, quant_state).to(base_dtype)
         out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(base_dtype), x2, weight.t())
-        del weight
+        # keep: this layer is checkpointed, so what it saves is dropped after the forward and kept after
+        # the recompute until the layer's backward, a moment later. Saving the dequantized weight then
+        # saves the backward its own dequantization (one of three a step), for one layer's weights at a time.
+        ctx.kept_weight = keep
+        if not keep:
+            del weight
         xd2 = x.reshape(-1, shape[-1]) if xd is None else xd.reshape(-1, shape[-1])
         xd2 = xd2.to(lora_dtype)
         a, b = lora_A.to(lora_dtype), lora_B.to(lora_dtype)
@@ -55,17 +61,17 @@ class LoraLinear4bit(torch.autograd.Function):
             out.addmm_(h, b.t(), alpha=scaling)
         else:  # no autocast: peft computes the LoRA branch in the adapter's dtype, then adds it in the base's
             out = out + (torch.mm(h, b.t()) * scaling).to(out.dtype)
-        ctx.save_for_backward(xd2, h, packed, a, b)
+        ctx.save_for_backward(xd2, h, packed, a, b, *((weight,) if keep else ()))
         ctx.quant_state, ctx.scaling, ctx.separate_xd, ctx.base_dtype = quant_state, scaling, xd is not None, base_dtype
         ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = shape, x.dtype, (lora_A.dtype, lora_B.dtype)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd2, h, packed, a, b = ctx.saved_tensors
+        xd2, h, packed, a, b, *kept = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        weight = dequantize(packed, ctx.quant_state).to(ctx.base_dtype)
+        weight = kept[0] if kept else dequantize(packed, ctx.quant_state).to(ctx.base_dtype)
         grad_x = torch.mm(g.to(weight.dtype), weight)
         del weight
         gl = g.to(h.dtype)
@@ -80,7 +86,7 @@ class LoraLinear4bit(torch.autograd.Function):
         else:
             grad_x = grad_x + (torch.mm(gb, a) * s).to(grad_x.dtype)
         grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None, None
+        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None, None, None
 
 
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
@@ -116,10 +122,14 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         lora_dtype = lora_A.dtype
     state = base.weight.quant_state
     base_dtype = getattr(base, "compute_dtype", None) or state.dtype  # what bitsandbytes' layer computes in
+    decoder = self.__dict__.get("_meowdread_decoder")  # a weak reference, not a submodule
+    decoder = decoder() if decoder is not None else None
+    keep = bool(decoder is not None and decoder.training and getattr(decoder, "gradient_checkpointing", False))
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinear4bit.apply(
-            x, xd, base.weight, state, base.bias, lora_A, lora_B, self.scaling[adapter], lora_dtype, base_dtype
-        )
+            x, xd, base.weight, state, base.bias, lora_A, lora_B, self.scaling[adapter], lora_dtype, base_dtype,
+            keep,
+        )  # fmt: skip
 
 
 def _plain_adapter(layer, args, kwargs) -> str | None:
@@ -163,7 +173,13 @@ def is_llama_rms_norm(module: torch.nn.Module) -> bool:
 
 def apply_fused_lora(model: torch.nn.Module) -> int:
     """Route every peft 4-bit LoRA layer of ``model`` through :class:`LoraLinear4bit`; returns how many."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     count = 0
+    for decoder in model.modules():  # each LoRA layer learns its decoder layer, to know if it is checkpointed
+        if isinstance(decoder, GradientCheckpointingLayer):
+            for module in decoder.modules():
+                module.__dict__.setdefault("_meowdread_decoder", weakref.ref(decoder))
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A"):
             if not hasattr(module, "_meowdread_peft_forward"):

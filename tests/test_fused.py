@@ -235,3 +235,41 @@ def test_the_triton_kernels_compute_what_the_pytorch_versions_do():
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "same"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, 1])
+def test_a_checkpointed_layer_dequantizes_each_weight_twice_a_step_not_three_times(
+    tokenizer, monkeypatch, checkpointing
+):
+    """A checkpointed layer keeps the weight its recompute dequantized for its backward, a moment later; a
+    layer that is not checkpointed keeps nothing (it would hold every weight for the whole step) and
+    dequantizes again in its backward. Either way: two dequantizations a weight a step, no dequantized weight
+    alive between the forward and the backward, and the same gradients."""
+    import gc
+    import weakref
+
+    from meowdread import fused
+
+    batch = batch_of(tokenizer, *REPLIES)
+    module = module_with("fused", 0.05, gradient_checkpointing=checkpointing)
+    calls, alive = [], []
+    dequantize = fused.dequantize
+
+    def counted(packed, state):
+        weight = dequantize(packed, state)
+        calls.append(packed.data_ptr())
+        alive.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(fused, "dequantize", counted)
+    torch.manual_seed(1)
+    module.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, tokens = module.model_step(batch, "train")
+    gc.collect()
+    assert len(calls) == 8 and not [w for w in alive if w() is not None]  # 8 LoRA layers, nothing kept
+    (loss / tokens).backward()
+    assert len(calls) == 2 * 8 and all(calls.count(c) == 2 for c in calls)
+    fast = loss.detach(), {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
+    monkeypatch.setattr(fused, "dequantize", dequantize)
+    assert_same_step(fast, step(module_with("torch", 0.05, gradient_checkpointing=checkpointing), batch))
