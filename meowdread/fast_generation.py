@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from meowdread.fused import is_llama_rms_norm
+from meowdread.fused import is_llama_rms_norm, load_triton_kernels, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class MergedPhi3:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.max_len = max_len
+        self.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,33 +144,51 @@ class MergedPhi3:
 
         A decode step is about 1,200 kernels for Phi-3-mini, most of them tiny, so the graph's replay is bound
         by their number more than by the 7.6 GB of weights it reads. The same arithmetic as the model's
-        modules, in fewer kernels: RMSNorm as ``F.rms_norm`` (one fused kernel on CUDA), the rotary embedding
-        of queries and keys together with one ``addcmul``, and each residual add inside its matmul
-        (``addmm``).
+        modules, in fewer kernels: RMSNorm as ``F.rms_norm`` (one fused kernel on CUDA), each residual add
+        inside its matmul (``addmm``), and on CUDA the rotary embedding of queries and keys with the keys'
+        and values' cache write in one Triton kernel and SwiGLU in another (:mod:`meowdread.triton_kernels`;
+        elsewhere one ``addcmul`` for both rotations and two ``index_copy_``).
         """
         model = self.base.model
         batch, length = ids.shape
         h = model.embed_tokens(ids).to(self.dtype)
         cos, sin = model.rotary_emb(h, positions)
-        cos, sin = cos.to(self.dtype).unsqueeze(2), sin.to(self.dtype).unsqueeze(2)  # [B, T, 1, rotary dims]
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)  # [B, T, rotary dims]
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        triton = _decode_kernels(h)
         for layer, w, keys, values in zip(model.layers, self.layers, self.keys, self.values, strict=True):
             x = _rms_norm(layer.input_layernorm, h, self.dtype)
             qkv = F.linear(x, w["qkv"])
-            qk = _rotate(qkv[..., : q_width + kv_width].view(batch, length, -1, self.head_dim), cos, sin)
-            q, k = qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :].transpose(1, 2)
-            v = qkv[..., q_width + kv_width :].view(batch, length, -1, self.head_dim).transpose(1, 2)
-            keys.index_copy_(2, slots, k)
-            values.index_copy_(2, slots, v)
+            if triton is not None:  # rotary embedding and cache write in one kernel
+                q = torch.empty(batch, self.heads, length, self.head_dim, dtype=qkv.dtype, device=qkv.device)
+                heads = split_heads(qkv, self.heads, self.kv_heads, self.head_dim)
+                triton.rotate_into(*heads, cos, sin, q, keys, values, slots)
+            else:
+                qk = qkv[..., : q_width + kv_width].view(batch, length, -1, self.head_dim)
+                qk = _rotate(qk, cos.unsqueeze(2), sin.unsqueeze(2))
+                q, k = qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :].transpose(1, 2)
+                v = qkv[..., q_width + kv_width :].view(batch, length, -1, self.head_dim).transpose(1, 2)
+                keys.index_copy_(2, slots, k)
+                values.index_copy_(2, slots, v)
             attn = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=self.heads != self.kv_heads
             )
             h = _add_linear(h, attn.transpose(1, 2).reshape(batch, length, -1), w["o"])
             x = _rms_norm(layer.post_attention_layernorm, h, self.dtype)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
-            h = _add_linear(h, up * layer.mlp.activation_fn(gate), w["down"])
+            gate_up = F.linear(x, w["gate_up"])
+            if triton is not None and self.silu:
+                act = triton.silu_mul(gate_up.view(batch * length, -1)).view(batch, length, -1)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = up * layer.mlp.activation_fn(gate)
+            h = _add_linear(h, act, w["down"])
         h = _rms_norm(model.norm, h[:, -1], self.dtype)
         return F.linear(h, self.lm_head).float()
+
+
+def _decode_kernels(h: torch.Tensor):
+    """:mod:`meowdread.triton_kernels` on CUDA when Triton imports, else None (the PyTorch path)."""
+    return load_triton_kernels() if h.is_cuda else None
 
 
 def _rms_norm(norm: torch.nn.Module, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

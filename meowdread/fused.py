@@ -289,11 +289,12 @@ def _rotary(q, k, v, cos, sin, backward=False):
 
 def _triton(tensor: torch.Tensor):
     """:mod:`meowdread.triton_kernels` for a CUDA tensor when Triton imports, else None (PyTorch's path)."""
-    return _triton_kernels() if tensor.is_cuda else None
+    return load_triton_kernels() if tensor.is_cuda else None
 
 
 @functools.cache
-def _triton_kernels():
+def load_triton_kernels():
+    """:mod:`meowdread.triton_kernels`, or None where Triton does not import."""
     try:
         from meowdread import triton_kernels
     except ImportError:

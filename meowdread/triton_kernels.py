@@ -22,18 +22,18 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_heads(
-    src, s_b, s_h, s_t, out, b, t, c1, c2, s1, s2, n_heads,
+    src, s_b, s_h, s_t, dst, d_b, d_h, d_t, b, t, t_dst, c1, c2, s1, s2, n_heads,
     D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BACKWARD: tl.constexpr,
 ):  # fmt: skip
-    """One token's ``n_heads`` heads of ``src`` (strides s_b, s_h, s_t; the last dimension contiguous),
-    rotated (backward: rotated back), into the contiguous heads at ``out``."""
+    """Token ``t``'s ``n_heads`` heads of ``src`` rotated (backward: rotated back) into position ``t_dst`` of
+    ``dst``; strides (batch, head, token), the last dimension contiguous in both."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     heads = h < n_heads
     inside = heads & (d < HALF)
     row = src + b * s_b + t * s_t + h * s_h
-    out = out + h * D
+    out = dst + b * d_b + t_dst * d_t + h * d_h
     x1 = tl.load(row + d, mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(row + HALF + d, mask=inside, other=0.0).to(tl.float32)
     if BACKWARD:  # the transpose of the rotation: sin's sign flips
@@ -42,8 +42,8 @@ def _rotate_heads(
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    tl.store(out + d, y1.to(out.dtype.element_ty), mask=inside)
-    tl.store(out + HALF + d, y2.to(out.dtype.element_ty), mask=inside)
+    tl.store(out + d, y1.to(dst.dtype.element_ty), mask=inside)
+    tl.store(out + HALF + d, y2.to(dst.dtype.element_ty), mask=inside)
     if D > ROT:  # partial rotary: the dimensions past ROT pass through
         p = tl.arange(0, BLOCK_PASS)[None, :]
         rest = heads & (p < D - ROT)
@@ -51,12 +51,13 @@ def _rotate_heads(
 
 
 @triton.jit
-def _copy_heads(src, s_b, s_h, s_t, out, b, t, n_heads, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_D: tl.constexpr):  # fmt: skip
+def _copy_heads(src, s_b, s_h, s_t, dst, d_b, d_h, d_t, b, t, t_dst, n_heads, D: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     inside = (h < n_heads) & (d < D)
-    tl.store(out + h * D + d, tl.load(src + b * s_b + t * s_t + h * s_h + d, mask=inside), mask=inside)
+    x = tl.load(src + b * s_b + t * s_t + h * s_h + d, mask=inside)
+    tl.store(dst + b * d_b + t_dst * d_t + h * d_h + d, x, mask=inside)
 
 
 # The token count changes with every batch: one compiled kernel for all of them, not one per divisibility
@@ -64,13 +65,14 @@ def _copy_heads(src, s_b, s_h, s_t, out, b, t, n_heads, D: tl.constexpr, BLOCK_H
 @triton.jit(do_not_specialize=["T"])
 def _rotary_qkv_kernel(
     q, q_b, q_h, q_t, k, k_b, k_h, k_t, v, v_b, v_h, v_t,
-    dst, cos, sin, c_b, c_t, T, N_Q, N_KV,
+    oq, oq_b, oq_h, oq_t, ok, ok_b, ok_h, ok_t, ov, ov_b, ov_h, ov_t, slots,
+    cos, sin, c_b, c_t, T, N_Q, N_KV,
     D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
-    """One token (program ``b * T + t``): its query and key heads rotated, its value heads copied, into one
-    contiguous row of ``dst`` laid out as ``qkv_proj``'s output (queries, keys, values)."""
+    """One token (program ``b * T + t``): its query and key heads rotated, its value heads copied, each into
+    its destination (``oq``, ``ok``, ``ov``; keys and values at position ``slots[t]`` when ``SLOTS``)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
@@ -81,37 +83,53 @@ def _rotary_qkv_kernel(
     c2 = tl.load(cos + trig + HALF + d, mask=half, other=0.0).to(tl.float32)
     s1 = tl.load(sin + trig + d, mask=half, other=0.0).to(tl.float32)
     s2 = tl.load(sin + trig + HALF + d, mask=half, other=0.0).to(tl.float32)
-    out = dst + row * (N_Q + 2 * N_KV) * D
-    _rotate_heads(q, q_b, q_h, q_t, out, b, t, c1, c2, s1, s2, N_Q,
+    if SLOTS:
+        slot = tl.load(slots + t).to(tl.int64)
+    else:
+        slot = t
+    _rotate_heads(q, q_b, q_h, q_t, oq, oq_b, oq_h, oq_t, b, t, t, c1, c2, s1, s2, N_Q,
                   D, HALF, ROT, BLOCK_Q, BLOCK_HALF, BLOCK_PASS, BACKWARD)  # fmt: skip
-    _rotate_heads(k, k_b, k_h, k_t, out + N_Q * D, b, t, c1, c2, s1, s2, N_KV,
+    _rotate_heads(k, k_b, k_h, k_t, ok, ok_b, ok_h, ok_t, b, t, slot, c1, c2, s1, s2, N_KV,
                   D, HALF, ROT, BLOCK_KV, BLOCK_HALF, BLOCK_PASS, BACKWARD)  # fmt: skip
-    _copy_heads(v, v_b, v_h, v_t, out + (N_Q + N_KV) * D, b, t, N_KV, D, BLOCK_KV, BLOCK_D)
+    _copy_heads(v, v_b, v_h, v_t, ov, ov_b, ov_h, ov_t, b, t, slot, N_KV, D, BLOCK_KV, BLOCK_D)
 
 
-def rotary_qkv(q, k, v, cos, sin, backward: bool = False) -> torch.Tensor:
-    """``q``, ``k``, ``v`` as (batch, heads, tokens, head_dim), any strides with the last one 1, and ``cos``,
-    ``sin`` as (batch, tokens, rotary_dim): one (batch, tokens, width) tensor of rotated queries and keys (or,
-    ``backward``, of gradients rotated back) and values, in ``qkv_proj``'s layout."""
+def _strides(x):
+    return x, x.stride(0), x.stride(1), x.stride(2)
+
+
+def rotate_into(q, k, v, cos, sin, out_q, out_k, out_v, slots=None, backward: bool = False) -> None:
+    """Rotate ``q`` and ``k`` (or, ``backward``, rotate gradients back) and copy ``v`` into ``out_q``,
+    ``out_k``, ``out_v``. All are (batch, heads, tokens, head_dim), any strides with the last one 1; ``cos``
+    and ``sin`` are (batch or 1, tokens, rotary_dim). With ``slots`` (tokens,), token ``t``'s keys and values
+    go to position ``slots[t]`` of ``out_k`` and ``out_v`` (a KV cache)."""
     batch, n_q, tokens, dim = q.shape
     n_kv, rot = k.shape[1], cos.shape[-1]
-    dst = torch.empty(batch, tokens, (n_q + 2 * n_kv) * dim, dtype=q.dtype, device=q.device)
-    if dst.numel() == 0:
-        return dst
+    if batch * tokens == 0:
+        return
     cos, sin = cos.expand(batch, tokens, rot), sin.expand(batch, tokens, rot)
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     half = rot // 2
     _rotary_qkv_kernel[(batch * tokens,)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2),
-        dst, cos, sin, cos.stride(0), cos.stride(1), tokens, n_q, n_kv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out_q), *_strides(out_k), *_strides(out_v),
+        q if slots is None else slots, cos, sin, cos.stride(0), cos.stride(1), tokens, n_q, n_kv,
         D=dim, HALF=half, ROT=rot,
         BLOCK_Q=triton.next_power_of_2(n_q), BLOCK_KV=triton.next_power_of_2(n_kv),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_PASS=triton.next_power_of_2(max(dim - rot, 1)),
-        BLOCK_D=triton.next_power_of_2(dim), BACKWARD=backward,
+        BLOCK_D=triton.next_power_of_2(dim), BACKWARD=backward, SLOTS=slots is not None,
     )  # fmt: skip
+
+
+def rotary_qkv(q, k, v, cos, sin, backward: bool = False) -> torch.Tensor:
+    """:func:`rotate_into` one new (batch, tokens, width) tensor in ``qkv_proj``'s layout (queries, keys,
+    values), which it returns."""
+    from meowdread.fused import split_heads
+
+    batch, n_q, tokens, dim = q.shape
+    n_kv = k.shape[1]
+    dst = torch.empty(batch, tokens, (n_q + 2 * n_kv) * dim, dtype=q.dtype, device=q.device)
+    rotate_into(q, k, v, cos, sin, *split_heads(dst, n_q, n_kv, dim), backward=backward)
     return dst
 
 

@@ -191,3 +191,37 @@ def test_each_adapter_type_samples_hf_generates_greedy_tokens(tokenizer, kind, c
     with caplog.at_level("INFO", logger="meowdread.generation"):
         assert generate(module.model, tokenizer, PROMPTS, STATIC) == generate(module.model, tokenizer, PROMPTS, HF)
     assert ("sampling with HF generate" in caplog.text) != exact
+
+
+ENGINE_WITH_TRITON = """
+from meowdread import fast_generation, triton_kernels
+from meowdread.data import load_tokenizer
+from tests.test_generation import HF, PROMPTS, STATIC, fp32_module, generate, trained_looking
+
+fast_generation._decode_kernels = lambda h: triton_kernels  # what runs on CUDA, here in Triton's interpreter
+tokenizer = load_tokenizer("embedded:tiny-phi3")
+module = trained_looking(fp32_module())
+prompts = [*PROMPTS, "What is the void?"]
+assert generate(module.model, tokenizer, prompts, STATIC) == generate(module.model, tokenizer, prompts, HF)
+module.model.config.sliding_window = 5
+assert generate(module.model, tokenizer, PROMPTS[1:2], STATIC) == generate(module.model, tokenizer, PROMPTS[1:2], HF)
+print("same")
+"""
+
+
+def test_the_static_engine_with_its_triton_kernels_gives_hf_generates_greedy_tokens():
+    """The CUDA engine's kernels (rotary embedding with the cache write, SwiGLU), run by Triton's interpreter
+    on the CPU in fp32: the same greedy tokens as HF ``generate``, within a sliding window too."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_WITH_TRITON], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("same")
