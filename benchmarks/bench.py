@@ -122,6 +122,8 @@ VARIANTS = {
     "phi3_qlora-padded": dict(BASE, padding_free=False),
     "phi3_qlora-liger": dict(BASE, kernels="liger"),
     "phi3_qlora-ckpt28": dict(BASE, gradient_checkpointing=28),  # 4 layers keep their activations
+    "phi3_qlora-ckpt26": dict(BASE, gradient_checkpointing=26),
+    "phi3_qlora-ckpt24": dict(BASE, gradient_checkpointing=24),
     "phi3_qlora-compile": dict(COMPILED),
     "phi3_qlora-compile-ckpt29": dict(COMPILED, gradient_checkpointing=29),
     "phi3_qlora-compile-no-ckpt": dict(COMPILED, gradient_checkpointing=False),

@@ -20,6 +20,8 @@
 # (then, here: cat the three bench.jsonl into one and `bench.py --render` it)
 # The lease of benchmarks/results/h200-2026-12-01-call5: a short check first, then the four stages above.
 #   bash benchmarks/device_session.sh check SITE_DIR OUT      # kernel tests, two rows, the shipped step's profile
+# Call 6, one call on a fresh machine after the last changes (rows against call 5's calibration row):
+#   bash benchmarks/device_session.sh final SITE_DIR OUT
 set -uo pipefail
 stage=$1 from=$2 out=${3:-}
 D=/tmp/dev
@@ -61,6 +63,25 @@ check)
   timeout 300 python3 benchmarks/bench.py --out "$out" --steps 25 --cases meowdread:phi3_qlora \
     meowdread:phi3_qlora-lora-only --profile phi3_qlora 2>&1 | grep -v -i "warn" >"$out/bench.log"
   tail -6 "$out/bench.md" && head -1 "$out/profile-phi3_qlora.txt"
+  log done ;;
+final)
+  mkdir -p "$out" && rm -rf $D/site && cp -r "$from" $D/site || exit 1
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
+  log "build embedded:phi3-mini-random"
+  time python3 -m meowdread.embedded phi3-mini-random
+  log "whole fit, configs/phi3_qlora.yaml as shipped, first of a fresh machine"
+  export TRITON_CACHE_DIR=$(mktemp -d)
+  timeout 120 bash benchmarks/whole_fit.sh "$out" phi3_qlora >/dev/null 2>&1
+  tail -1 "$out/bench.jsonl"
+  log "Triton kernels compiled by the fit: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)"
+  log "GPU tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused or triton or cuda_graph" 2>&1 \
+    | grep -v "DEBUG" | tail -4 | tee "$out/pytest-gpu.log"
+  log "bench rows"
+  timeout 240 python3 benchmarks/bench.py --out "$out" --steps 25 --cases meowdread:phi3_qlora \
+    meowdread:phi3_qlora-lora-only meowdread:phi3_qlora-ckpt26 meowdread:phi3_qlora-ckpt24 meowdread:low_memory \
+    sampling-static 2>&1 | grep -v -i "warn" >"$out/bench.log"
+  tail -12 "$out/bench.md"
   log done ;;
 rows)
   read -r site trl_liger <<<"$from"
