@@ -94,8 +94,9 @@ class QLoraModule(pl.LightningModule):
         compile: ``torch.compile`` each decoder layer for training (regional compilation: one graph reused by
             every layer; validation and sampling stay eager). Fuses the many small kernels of norms, LoRA and
             bitsandbytes between the matmuls; needs Triton on a GPU (a C++ compiler on the CPU).
-        kernels: ``fused`` runs each 4-bit LoRA layer as one autograd function in training calls and each
-            RMSNorm as one kernel (:mod:`meowdread.fused`; any device); ``liger`` runs the same LoRA layers
+        kernels: ``fused`` runs each 4-bit LoRA layer as one autograd function in training calls, each
+            RMSNorm as one kernel, and Phi-3's rotary embedding and SwiGLU as one kernel each way (Triton on a
+            GPU; :mod:`meowdread.fused`, any device); ``liger`` runs the same LoRA layers
             with Liger's Triton RMSNorm and SwiGLU for Phi-3 (needs ``liger-kernel`` and a CUDA GPU);
             ``torch`` keeps peft's and transformers' own modules, and is what ``compile`` needs.
         optimizer: built on the LoRA parameters; paged AdamW in the GPU recipe, AdamW elsewhere.

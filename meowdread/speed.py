@@ -55,8 +55,9 @@ def check_kernels(kernels: Kernels, compile: bool) -> None:
 
 
 def apply_kernels(base: torch.nn.Module, kernels: Kernels) -> None:
-    """Before LoRA: the base's RMSNorms through ``F.rms_norm`` (``kernels: fused``), or its RMSNorms and
-    SwiGLU swapped for Liger's fused Triton kernels (``kernels: liger``).
+    """Before LoRA: the base's RMSNorms through ``F.rms_norm`` and Phi-3's rotary embedding and SwiGLU
+    through meowdread's own kernels (``kernels: fused``, :mod:`meowdread.fused`), or its RMSNorms and SwiGLU
+    swapped for Liger's fused Triton kernels (``kernels: liger``).
 
     Each replaces several elementwise kernels and their saved activations with one Triton kernel a pass;
     the matmuls (4-bit base and LoRA) are untouched. Only this model's modules change (Liger's own
