@@ -50,7 +50,6 @@ class LoraLinear4bit(torch.autograd.Function):
         # keep: this layer is checkpointed, so what it saves is dropped after the forward and kept after
         # the recompute until the layer's backward, a moment later. Saving the dequantized weight then
         # saves the backward its own dequantization (one of three a step), for one layer's weights at a time.
-        ctx.kept_weight = keep
         if not keep:
             del weight
         xd2 = x.reshape(-1, shape[-1]) if xd is None else xd.reshape(-1, shape[-1])
@@ -175,13 +174,16 @@ def apply_fused_lora(model: torch.nn.Module) -> int:
     """Route every peft 4-bit LoRA layer of ``model`` through :class:`LoraLinear4bit`; returns how many."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    def is_lora_4bit(module):
+        return type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A")
+
     count = 0
     for decoder in model.modules():  # each LoRA layer learns its decoder layer, to know if it is checkpointed
         if isinstance(decoder, GradientCheckpointingLayer):
-            for module in decoder.modules():
+            for module in filter(is_lora_4bit, decoder.modules()):
                 module.__dict__.setdefault("_meowdread_decoder", weakref.ref(decoder))
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A"):
+        if is_lora_4bit(module):
             if not hasattr(module, "_meowdread_peft_forward"):
                 module._meowdread_peft_forward = module.forward
                 module.forward = types.MethodType(_fused_lora_forward, module)
@@ -209,7 +211,6 @@ class RotaryQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_q, n_kv, head_dim):
         ctx.save_for_backward(cos, sin)
-        ctx.heads = (n_q, n_kv, head_dim)
         return split_heads(_rotary(*split_heads(qkv, n_q, n_kv, head_dim), cos, sin), n_q, n_kv, head_dim)
 
     @staticmethod
