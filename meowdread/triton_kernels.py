@@ -6,11 +6,12 @@ and ``cat``, four ``mul``, two ``add``, the pass-through ``cat``), most of them 
 transposed views), and the backward of the three slices of ``qkv`` fills and adds three full-width
 buffers. Here one kernel reads ``qkv`` and writes the rotated queries and keys and the values, and one kernel
 writes the whole gradient of ``qkv``. SwiGLU (``up * silu(gate)`` on the two halves of ``gate_up_proj``'s
-output) is one kernel each way.
+output) is one kernel each way. The sampling engine (:mod:`meowdread.fast_generation`) calls the same
+rotary kernel with cache slots: each decode step's rotation and KV-cache write in one kernel.
 
 The math is in fp32 and rounded once at the store. :mod:`meowdread.fused` holds the autograd functions and a
 PyTorch version of each kernel (used off the GPU, and the reference of ``tests/test_fused.py``, which also runs
-these kernels on the CPU in Triton's interpreter).
+these kernels on the CPU in Triton's interpreter, as ``tests/test_generation.py`` runs the engine's).
 """
 
 from __future__ import annotations
