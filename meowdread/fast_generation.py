@@ -6,7 +6,7 @@ Sampling does not need any of that. :class:`MergedPhi3` takes the weights the mo
 (dequantized NF4 plus the active LoRA deltas, or the base alone inside ``disable_adapter()``) once per call,
 and :func:`static_generate` decodes with a preallocated cache, so each step is a fixed sequence of kernels
 that a CUDA graph replays with no Python in between (the gpt-fast recipe). The step does the arithmetic of the
-model's own modules in about half their kernels (:meth:`MergedPhi3.step`).
+model's own modules in under a third of their kernels on CUDA (:meth:`MergedPhi3.step`).
 
 The weights are a transient copy (about 7.2 GB for Phi-3-mini in bf16), freed when the call returns; the
 frozen base and the adapter are untouched. :func:`meowdread.generation.generate` picks this path on CUDA for
