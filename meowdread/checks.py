@@ -64,6 +64,8 @@ def check_config(subcommand: str | None, config: Any) -> None:
         if subcommand == "fit":  # the callback's own max_new_tokens, where it sets one
             new_tokens = [option(c, "init_args.max_new_tokens") or new_tokens[0] for c in callbacks if _samples(c)]
         check_prompt_lengths(prompts, option(config, "data.prompts"), option(config, "model.pretrained"), new_tokens)
+    if subcommand == "fit" and option(config, "data.padding_free") is True:
+        check_packed_rows(option(config, "model.pretrained"), option(config, "data.max_length"), _varlen_kernel(config))
     ckpt_path = str(config.get("ckpt_path") or "")
     if ckpt_path and ckpt_path.split(":")[0] not in ("best", "hpc", "registry"):  # those are Lightning's to resolve
         check_checkpoint(ckpt_path, config)
@@ -145,6 +147,51 @@ def check_machine(config: Any) -> None:
         )
 
 
+def _varlen_kernel(config: Any) -> tuple | None:
+    """PyTorch's variable-length attention and its style (:func:`meowdread.packing._varlen`) where packed rows
+    will run on it (a GPU), else None."""
+    from meowdread.packing import _varlen
+
+    return None if _on_cpu(config) else _varlen()
+
+
+def check_packed_rows(pretrained: str, max_length: Any, kernel: tuple | None) -> None:
+    """What padding-free rows cannot train, from the model's config, before the base loads: attention
+    dropout (not supported on packed rows), and with a variable-length ``kernel`` that has no sliding window
+    (torch 2.9), examples longer than the model's window."""
+    model_config = _model_config(pretrained)
+    if model_config is None:
+        return
+    dropout = getattr(model_config, "attention_dropout", 0.0) or 0.0
+    if dropout > 0:
+        raise ConfigError(
+            "data.padding_free",
+            f"true does not train with attention dropout, and {pretrained}'s config sets attention_dropout "
+            f"{dropout}: use padded batches (data.padding_free false)",
+        )
+    window = getattr(model_config, "sliding_window", None)
+    if kernel is not None and kernel[1] != "window" and window and isinstance(max_length, int) and max_length > window:
+        raise ConfigError(
+            "data.max_length",
+            f"{max_length} is longer than {pretrained}'s sliding window ({window}), and this torch's "
+            f"variable-length attention has none for padding-free rows: set data.max_length to at most "
+            f"{window}, use torch 2.10 or newer, or data.padding_free false",
+        )
+
+
+def _model_config(pretrained: str):
+    """The transformers config of ``pretrained`` where it can be read without building or downloading a model
+    (an embedded stand-in other than the tiny one is built by the data module), else None."""
+    if pretrained.startswith(EMBEDDED_PREFIX) and pretrained != TINY_PHI3:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
+    except (OSError, ValueError):
+        return None  # not available offline: transformers says so when the model loads
+
+
 def check_attention(name: str, on_cpu: bool) -> None:
     """A transformers attention backend that exists and, for FlashAttention, is installed and has a GPU."""
     if name in ("sdpa", "eager", "None") or "/" in name:  # org/name: a kernel from the hub, transformers' to load
@@ -223,14 +270,9 @@ def check_prompt_lengths(prompts: list[str], path: str, pretrained: str, new_tok
 
     ``predict`` and the sample callback refuse a prompt that does not fit instead of cutting it (which would
     answer another question): one warning per such prompt, with its number, then the error."""
-    if pretrained.startswith(EMBEDDED_PREFIX) and pretrained != TINY_PHI3:
-        return  # building the embedded stand-in is the data module's work (once, under DDP)
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained), trust_remote_code=False)
-    except (OSError, ValueError):
-        return  # not available offline: transformers says so when the model loads
+    config = _model_config(pretrained)  # building an embedded stand-in is the data module's work (once, under DDP)
+    if config is None:
+        return
     context = getattr(config, "max_position_embeddings", None)
     new = max([n for n in new_tokens if isinstance(n, int)], default=0)
     if not context:

@@ -124,6 +124,31 @@ def _(tmp_path):
     return cli("fit", tmp_path, "--model.pretrained", str(model))
 
 
+def tiny_phi3_with(tmp_path, name, **config_changes):
+    """The tiny Phi-3 copied to ``tmp_path / name``, its config.json changed."""
+    model = tmp_path / name
+    shutil.copytree(resolve_pretrained("embedded:tiny-phi3"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return model
+
+
+@case("padding-free batches on a model with attention dropout")
+def _(tmp_path):
+    model = tiny_phi3_with(tmp_path, "dropout", attention_dropout=0.1)
+    return cli("fit", tmp_path, "--model.pretrained", str(model), "--data.padding_free", "true")
+
+
+@case("padding-free batches longer than the sliding window on torch 2.9")
+def _(tmp_path, monkeypatch):
+    # As on a GPU with torch 2.9, whose varlen_attn is causal but has no window.
+    monkeypatch.setattr("meowdread.checks._varlen_kernel", lambda config: (None, "is_causal"))
+    model = tiny_phi3_with(tmp_path, "windowed", sliding_window=2047, max_position_embeddings=4096)
+    return cli(
+        "fit", tmp_path, "--model.pretrained", str(model), "--data.padding_free", "true", "--data.max_length", "4096"
+    )
+
+
 @case("a prompt longer than the context")
 def _(tmp_path):
     (tmp_path / "prompts.txt").write_text(
