@@ -26,7 +26,7 @@ from typing import Any
 
 IGNORE_INDEX = -100  # label of a token that is not trained on (F.cross_entropy's ignore_index)
 WORD_JOINER = "\u2060"
-Message = dict[str, str]
+Message = dict[str, str | bool]  # role, content; "train": False on an assistant turn that is context only
 
 # Sentinels rendered through the template to read its structure; plain words no tokenizer treats specially.
 _REPLY, _USER, _SYSTEM = "meowdreadreplysentinel", "meowdreadusersentinel", "meowdreadsystemsentinel"
@@ -127,12 +127,13 @@ class ChatFormat:
 
         Each assistant span runs from the first character of the reply to the end of the turn end that
         closes it, found by rendering the conversation's prefix with the generation prompt, so the template
-        stays the tokenizer's own. A token is trained on if it overlaps a span.
+        stays the tokenizer's own. A token is trained on if it overlaps a span. An assistant message with
+        ``"train": False`` (the turns of a conversational prompt) is context, not a span.
         """
         text = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or message.get("train", True) is False:
                 continue
             start = len(self.render(messages[:i], add_generation_prompt=True))
             content = self.escape(message["content"])

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Format = Literal["auto", "messages", "sharegpt", "prompt_completion"]
-Turn = tuple[str, Any, str, str]  # role, content as the record has it, the fields that hold them
+# role, content as the record has it, the fields that hold them; (role, content, fields..., False) for a turn
+# that is context only
+Turn = tuple
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
 SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -323,7 +325,10 @@ def _normalise(format: str, record: Any, why: str) -> list[Turn]:
         if isinstance(value, str):
             turns.append((role, value, key, key))
         elif isinstance(value, list):
-            turns += _turns(value, key, ROLES, "system, user or assistant")
+            part = _turns(value, key, ROLES, "system, user or assistant")
+            # A conversational prompt is context: its assistant turns are not trained on, only the
+            # completion is (TRL's completion-only loss for prompt-completion data).
+            turns += [(*turn, False) for turn in part] if key == "prompt" else part
         else:
             raise _Bad(key, "must be a string or a non-empty list of {role, content}")
     return turns
@@ -349,8 +354,11 @@ def _turns(value: Any, key: str, roles: dict[str, str], names: str) -> list[Turn
 
 
 def _check_turns(turns: list[Turn], key: str) -> list[Message]:
-    """Non-empty text; an optional system turn, then user and assistant in turn, ending with the assistant."""
-    for i, (role, content, role_field, content_field) in enumerate(turns):
+    """Non-empty text; an optional system turn, then user and assistant in turn, ending with the assistant.
+
+    A turn marked as not trained (an assistant turn of a conversational ``prompt``) becomes a message with
+    ``"train": False``, which :meth:`meowdread.chat_format.ChatFormat.encode` leaves out of the labels."""
+    for i, (role, content, role_field, content_field, *_) in enumerate(turns):
         if not isinstance(content, str) or not content.strip():
             raise _Bad(content_field, "must be a non-empty string")
         expected = ("system", "user") if i == 0 else ("user",) if turns[i - 1][0] != "user" else ("assistant",)
@@ -360,4 +368,8 @@ def _check_turns(turns: list[Turn], key: str) -> list[Message]:
         raise _Bad(key, "no assistant turn: nothing to train on")
     if turns[-1][0] != "assistant":
         raise _Bad(turns[-1][2], "the conversation must end with an assistant turn")
-    return [{"role": role, "content": content} for role, content, _, _ in turns]
+    messages = [{"role": turn[0], "content": turn[1]} for turn in turns]
+    for message, turn in zip(messages, turns, strict=True):
+        if message["role"] == "assistant" and turn[4:] == (False,):
+            message["train"] = False
+    return messages

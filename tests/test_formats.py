@@ -45,6 +45,9 @@ RECORDS = {
     ],
 }
 EXPECTED = [CONVERSATION, PAIR]
+# A conversational prompt is context: its assistant turn is marked as not trained on (TRL's completion-only loss).
+IN_PROMPT = [{**m, "train": False} if i == 2 else m for i, m in enumerate(CONVERSATION)]
+EXPECTED_OF = {"messages": EXPECTED, "sharegpt": EXPECTED, "prompt_completion": [IN_PROMPT, PAIR]}
 
 
 def write_json(path, records):
@@ -64,9 +67,9 @@ def error(path, **kwargs) -> str:
 
 @pytest.mark.parametrize("fmt", sorted(RECORDS))
 def test_every_record_format_gives_the_same_messages_from_json_lines_and_a_json_array(tmp_path, fmt):
-    assert read_corpus(write_records(tmp_path / "c.jsonl", RECORDS[fmt])) == EXPECTED
-    assert read_corpus(write_json(tmp_path / "c.json", RECORDS[fmt])) == EXPECTED
-    assert read_corpus(tmp_path / "c.jsonl", format=fmt) == EXPECTED
+    assert read_corpus(write_records(tmp_path / "c.jsonl", RECORDS[fmt])) == EXPECTED_OF[fmt]
+    assert read_corpus(write_json(tmp_path / "c.json", RECORDS[fmt])) == EXPECTED_OF[fmt]
+    assert read_corpus(tmp_path / "c.jsonl", format=fmt) == EXPECTED_OF[fmt]
 
 
 def test_a_sharegpt_system_prompt_beside_the_turns_opens_the_conversation(tmp_path):
@@ -76,7 +79,27 @@ def test_a_sharegpt_system_prompt_beside_the_turns_opens_the_conversation(tmp_pa
 
 def test_prompt_completion_takes_a_completion_string_after_a_prompt_list(tmp_path):
     record = {"prompt": CONVERSATION[:4], "completion": A2}
-    assert read_corpus(write_records(tmp_path / "c.jsonl", [record])) == [CONVERSATION]
+    assert read_corpus(write_records(tmp_path / "c.jsonl", [record])) == [IN_PROMPT]
+
+
+def test_a_conversational_prompts_assistant_turns_are_context_and_only_the_completion_is_trained(tmp_path, tokenizer):
+    """As TRL's completion-only loss: the same conversation as messages trains both replies; as a prompt and
+    a completion, only the completion's."""
+    from meowdread.chat_format import IGNORE_INDEX, ChatFormat
+
+    chat = ChatFormat.of(tokenizer)
+    record = {"prompt": CONVERSATION[:4], "completion": [CONVERSATION[4]]}
+    (as_prompt,) = read_corpus(write_records(tmp_path / "c.jsonl", [record]))
+    both, completion_only = chat.encode(CONVERSATION), chat.encode(as_prompt)
+    assert both["input_ids"] == completion_only["input_ids"]  # the same text: the flag is not rendered
+
+    def trained(encoded):
+        return tokenizer.decode(
+            [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE_INDEX]
+        )
+
+    assert A1 in trained(both) and A2 in trained(both)
+    assert A1 not in trained(completion_only) and A2 in trained(completion_only)
 
 
 def test_a_json_array_error_names_the_line_the_record_starts_on_and_its_index(tmp_path):
@@ -307,7 +330,7 @@ def test_a_byte_order_mark_and_crlf_line_ends_change_nothing(tmp_path):
     for fmt, records in RECORDS.items():
         (tmp_path / f"{fmt}.jsonl").write_bytes(bom_crlf("\n".join(json.dumps(r) for r in records) + "\n"))
         (tmp_path / f"{fmt}.json").write_bytes(bom_crlf(json.dumps(records, indent=2)))
-        assert read_corpus(tmp_path / f"{fmt}.jsonl") == read_corpus(tmp_path / f"{fmt}.json") == EXPECTED
+        assert read_corpus(tmp_path / f"{fmt}.jsonl") == read_corpus(tmp_path / f"{fmt}.json") == EXPECTED_OF[fmt]
     (tmp_path / "c.csv").write_bytes(bom_crlf(f"prompt,completion\n{Q1},{A1}\n"))
     assert read_corpus(tmp_path / "c.csv") == [PAIR]
     (tmp_path / "prompts.txt").write_bytes(bom_crlf("Why sit?\nWhy here?\n"))
