@@ -25,11 +25,11 @@ from meowdread.textfiles import CorpusError, Location, check_regular_file, lines
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
+Message = dict[str, str | bool]  # role, content; "train": False on an assistant turn that is context only
 Format = Literal["auto", "messages", "sharegpt", "prompt_completion"]
-# role, content as the record has it, the fields that hold them; (role, content, fields..., False) for a turn
-# that is context only
-Turn = tuple
+# role, content as the record has it, the fields that hold them, and whether the turn is trained on (False:
+# context only)
+Turn = tuple[str, Any, str, str, bool]
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
 SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -318,17 +318,17 @@ def _normalise(format: str, record: Any, why: str) -> list[Turn]:
     if format == "sharegpt":
         turns = _turns(record["conversations"], "conversations", SPEAKERS, "human, gpt or system; or user, assistant")
         system = record.get("system")  # a system prompt beside the turns, as LLaMA-Factory's ShareGPT files have
-        return ([("system", system, "system", "system")] if system is not None else []) + turns
+        return ([("system", system, "system", "system", True)] if system is not None else []) + turns
     turns = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = record[key]
         if isinstance(value, str):
-            turns.append((role, value, key, key))
+            turns.append((role, value, key, key, True))
         elif isinstance(value, list):
             part = _turns(value, key, ROLES, "system, user or assistant")
             # A conversational prompt is context: its assistant turns are not trained on, only the
             # completion is (TRL's completion-only loss for prompt-completion data).
-            turns += [(*turn, False) for turn in part] if key == "prompt" else part
+            turns += [(*turn[:4], False) for turn in part] if key == "prompt" else part
         else:
             raise _Bad(key, "must be a string or a non-empty list of {role, content}")
     return turns
@@ -349,7 +349,7 @@ def _turns(value: Any, key: str, roles: dict[str, str], names: str) -> list[Turn
         role = roles.get(raw) if isinstance(raw, str) else None
         if role is None:
             raise _Bad(f"{field}.{role_key}", f"unknown role {raw!r} ({names})")
-        turns.append((role, message.get(content_key), f"{field}.{role_key}", f"{field}.{content_key}"))
+        turns.append((role, message.get(content_key), f"{field}.{role_key}", f"{field}.{content_key}", True))
     return turns
 
 
@@ -358,7 +358,7 @@ def _check_turns(turns: list[Turn], key: str) -> list[Message]:
 
     A turn marked as not trained (an assistant turn of a conversational ``prompt``) becomes a message with
     ``"train": False``, which :meth:`meowdread.chat_format.ChatFormat.encode` leaves out of the labels."""
-    for i, (role, content, role_field, content_field, *_) in enumerate(turns):
+    for i, (role, content, role_field, content_field, _) in enumerate(turns):
         if not isinstance(content, str) or not content.strip():
             raise _Bad(content_field, "must be a non-empty string")
         expected = ("system", "user") if i == 0 else ("user",) if turns[i - 1][0] != "user" else ("assistant",)
@@ -368,8 +368,8 @@ def _check_turns(turns: list[Turn], key: str) -> list[Message]:
         raise _Bad(key, "no assistant turn: nothing to train on")
     if turns[-1][0] != "assistant":
         raise _Bad(turns[-1][2], "the conversation must end with an assistant turn")
-    messages = [{"role": turn[0], "content": turn[1]} for turn in turns]
-    for message, turn in zip(messages, turns, strict=True):
-        if message["role"] == "assistant" and turn[4:] == (False,):
+    messages = [{"role": role, "content": content} for role, content, *_ in turns]
+    for message, (role, *_, trained) in zip(messages, turns, strict=True):
+        if role == "assistant" and not trained:
             message["train"] = False
     return messages
