@@ -203,12 +203,13 @@ tokenizer = load_tokenizer("embedded:tiny-phi3")
 module = trained_looking(fp32_module())
 prompts = [*PROMPTS, "What is the void?"]
 assert generate(module.model, tokenizer, prompts, STATIC) == generate(module.model, tokenizer, prompts, HF)
-module.model.config.sliding_window = 5
+module.model.config.sliding_window = 5  # the prompt (and so the answer) outgrows it
 assert generate(module.model, tokenizer, PROMPTS[1:2], STATIC) == generate(module.model, tokenizer, PROMPTS[1:2], HF)
 print("same")
 """
 
 
+@pytest.mark.slow  # about 20 s: a process of its own, and the interpreter runs every kernel in NumPy
 def test_the_static_engine_with_its_triton_kernels_gives_hf_generates_greedy_tokens():
     """The CUDA engine's kernels (rotary embedding with the cache write, SwiGLU), run by Triton's interpreter
     on the CPU in fp32: the same greedy tokens as HF ``generate``, within a sliding window too."""
